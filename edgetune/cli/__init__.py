@@ -1,0 +1,1 @@
+"""Command-line front ends: `edgetune <command>` and `net_runner`."""

@@ -1,0 +1,1 @@
+"""The device runtime: numpy + onnxruntime (+ Pillow for images). Never torch, never onnx."""

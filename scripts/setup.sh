@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for edgetune: system packages, the .venv virtual environment, and the
+# edgetune + net_runner commands in it. Safe to re-run: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="dataset-fashion-mnist openssh-server"
+missing=""
+for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "== installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edgetune-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "== installing edgetune[host,device,dev] into .venv (torch==2.13.0 CPU build)"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[host,device,dev]'
+  touch "$stamp"
+fi
+echo "== set-up done: $(.venv/bin/edgetune --version)"
