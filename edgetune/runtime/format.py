@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -92,7 +94,7 @@ def save(tod: TodFile) -> bytes:
     pos = 0
     for name in names:
         if name in tod.tensors:
-            arr = np.ascontiguousarray(tod.tensors[name])
+            arr = np.asarray(tod.tensors[name], order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
             dtype = arr.dtype.name
             if dtype not in DTYPES:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} is not one of {sorted(DTYPES)}")
@@ -143,12 +145,7 @@ def load(data: bytes | memoryview, *, verify: bool = True) -> TodFile:
     header_bytes = bytes(view[PREAMBLE.size:data_start])
     if hashlib.sha256(header_bytes).digest() != hsum:
         raise ChecksumError("header checksum mismatch: the file is corrupt")
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HeaderError(f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) or not isinstance(header.get("entries"), dict):
-        raise HeaderError("header must be an object with 'meta' and 'entries' objects")
+    header = _parse_header(header_bytes)
     body = view[data_start:]
     tod = TodFile(meta=header["meta"])
     pos = 0
@@ -172,6 +169,32 @@ def load(data: bytes | memoryview, *, verify: bool = True) -> TodFile:
     return tod
 
 
+def _parse_header(header_bytes: bytes) -> dict[str, Any]:
+    """Parse the header JSON, accepting only what `save` could write back.
+
+    NaN, infinities (also from overflowing literals such as 1e999) and lone surrogates parse in
+    Python's json but cannot be saved again: rejecting them here means a model that loads can
+    always be checkpointed, instead of failing at its first save mid-training.
+    """
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:40]} is not finite")
+        return value
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), parse_float=finite, parse_constant=no_constant)
+        json.dumps(header, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as e:
+        raise HeaderError(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) or not isinstance(header.get("entries"), dict):
+        raise HeaderError("header must be an object with 'meta' and 'entries' objects")
+    return header
+
+
 def _offsets(name: str, entry: Any) -> tuple[int, int]:
     offs = entry.get("offsets") if isinstance(entry, dict) else None
     if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
@@ -181,7 +204,7 @@ def _offsets(name: str, entry: Any) -> tuple[int, int]:
 
 def _tensor(name: str, entry: dict[str, Any], raw: memoryview) -> np.ndarray:
     dtype, shape = entry.get("dtype"), entry.get("shape")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
         raise HeaderError(f"tensor {name!r} has a bad shape {shape!r}")
@@ -197,26 +220,36 @@ def _tensor(name: str, entry: dict[str, Any], raw: memoryview) -> np.ndarray:
 def save_file(tod: TodFile, path: str | os.PathLike) -> str:
     """Write atomically: temp file in the same directory, fsync, rename, fsync the directory.
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one. The temp file
+    is `.<name>.<random>.partial`, so a crash's leftover never matches `*.tod`.
 
     Returns:
         The path written.
+
+    Raises:
+        OSError: the write failed (full disk, no permission, ...); the message names `path`, the
+            temp file is removed and any previous file at `path` is untouched.
     """
     path = os.fspath(path)
     data = save(tod)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tod", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot save {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot save {path}: {e.strerror}") from e
         raise
     try:
         dfd = os.open(directory, os.O_RDONLY)
@@ -234,13 +267,18 @@ def save_file(tod: TodFile, path: str | os.PathLike) -> str:
 def load_file(path: str | os.PathLike, *, verify: bool = True) -> TodFile:
     """Read and verify a `.tod` file.
 
+    Only regular files are read: a FIFO would block forever and a device such as /dev/zero would
+    be read until memory runs out.
+
     Raises:
-        TodError: bad bytes (the message names the file).
+        TodError: bad bytes, or not a regular file (the message names the file).
         OSError: the file cannot be opened.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory, not a .tod file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise MagicError(f"{path}: not a regular file, so not a .tod file")
     with open(path, "rb") as f:
         data = f.read()
     try:

@@ -1,0 +1,228 @@
+"""`net_runner` (also `edgetune run`): train and evaluate a `.tod` model, as the seed's net_runner.
+
+`net_runner -f <model.tod> -d <data_dir> [-c <cycles>] [-v] [-s <save every X>]`. Each step prints
+`i: Loss is X [min=Y]`; every 20 steps `accuracy on test data = A max accuracy = M`, stopping
+once A > 0.9; at the end `accuracy on validation data = V` and, when cycles > 0, the model is
+saved as `<model>_trained.tod`. `-c 0` only evaluates. Numbers print as C++ iostream does (%g).
+Device side: numpy, onnxruntime and Pillow only (matplotlib just for `--plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgetune.cli.errors import run_guarded
+from edgetune.data.progress import Progress
+from edgetune.errors import UserError
+from edgetune.runtime.callbacks import Callback
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed's getopt options (`-e` is what its sources really parse for cycles) and ours."""
+    parser.add_argument("-f", "--model", type=Path, required=True, help="the .tod model (or a checkpoint)")
+    parser.add_argument("-d", "--data", type=Path, required=True, help="prepared dataset folder (classes.txt)")
+    parser.add_argument("-c", "-e", "--cycles", type=int, default=100,
+                        help="training steps (default 100); 0 only evaluates on the validation split")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the output tensors after each step")
+    parser.add_argument("-s", "--save-every", type=int, default=0, metavar="X",
+                        help="save <model>_trained_<i>.tod every X steps (0: never)")
+    parser.add_argument("--test-every", type=int, default=20, help="test accuracy every N steps (default 20)")
+    parser.add_argument("--target-accuracy", type=float, default=0.9,
+                        help="stop once the test accuracy exceeds this (default 0.9)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the one stored in the model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and dropout (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the backbone (default 1)")
+    parser.add_argument("--no-cache", action="store_true", help="run the backbone for every batch (no feature cache)")
+    parser.add_argument("--cache-dir", type=Path, help="keep the feature cache on disk here (reused across runs)")
+    parser.add_argument("--log", type=Path, help="write one JSON line per step and per evaluation")
+    parser.add_argument("--plot", type=Path, help="save loss and accuracy curves (PNG; needs matplotlib)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-step lines and no progress bar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `net_runner` console script."""
+    parser = argparse.ArgumentParser(prog="net_runner", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: run(args), prog="net_runner")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and dataset, train for `args.cycles` steps, evaluate, save; returns 0."""
+    from edgetune.runtime import Context, TrainSession
+    from edgetune.runtime import callbacks as cb
+    from edgetune.runtime.dataset import load_dataset
+    from edgetune.runtime.trainer import Trainer
+
+    _check_args(args)
+    session = TrainSession.create(args.model, Context(threads=args.threads, cache=not args.no_cache,
+                                                      cache_dir=args.cache_dir))
+    data = load_dataset(args.data, session.preprocessing, num_classes=session.num_classes)
+    for split in (data.validation, *((data.train, data.test) if args.cycles > 0 else ())):
+        if len(split) == 0:
+            raise UserError(f"{args.data}: the {split.name} split is empty (each class needs at least 5 images)")
+    if args.lr is not None:
+        session.learning_rate = args.lr
+    if args.verbose:
+        print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
+    stem = os.fspath(args.model)[: -len(".tod")]
+    history = History()
+    callbacks: list = [history]
+    if not args.quiet:
+        callbacks.append(cb.LossMonitor())
+    if args.verbose:
+        callbacks.append(TensorPrinter())
+    callbacks.append(cb.AccuracyMonitor(every=args.test_every, target=args.target_accuracy))
+    if args.save_every:
+        callbacks.append(cb.CheckpointSaver(args.save_every))  # <model>_trained_<i>.tod
+    if args.log is not None:
+        callbacks.append(cb.JsonlLogger(args.log))
+    trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
+                      test_every=args.test_every, target_accuracy=args.target_accuracy)
+    progress = None if args.quiet else FeatureProgress()
+    if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
+        trainer.progress = progress
+        for split in _splits_used(trainer, data, args.cycles):
+            trainer.features(split)
+        trainer.progress = None
+    else:  # every evaluation runs the backbone again: show each one's progress
+        trainer.progress = progress
+    if args.cycles > 0:
+        trainer.fit(args.cycles)
+    accuracy = trainer.evaluate("validation", data.validation)
+    print(f"accuracy on validation data = {accuracy:g}", flush=True)
+    if args.cycles > 0:
+        session.save(stem + "_trained.tod")
+    if args.plot is not None:
+        save_plot(history.records, args.plot)
+    return 0
+
+
+def _splits_used(trainer, data, cycles: int) -> list:
+    """The splits this run reads: validation always; train and test when training reaches them."""
+    splits = []
+    if cycles * trainer.batch_size >= len(data.train):
+        splits.append(data.train)
+    if cycles >= trainer.test_every:
+        splits.append(data.test)
+    return [*splits, data.validation]
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """User mistakes that need no model loaded: one clear line each."""
+    if not args.model.is_file():
+        raise UserError(f"{args.model}: no such model file")
+    if args.model.suffix != ".tod":
+        raise UserError(f"{args.model}: not a .tod model (convert it with `edgetune convert`)")
+    if not args.data.is_dir():
+        raise UserError(f"{args.data}: no such dataset folder")
+    for name in ("cycles", "save_every"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.test_every < 1:
+        raise UserError("--test-every must be >= 1")
+    if args.threads < 1:
+        raise UserError("--threads must be >= 1")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+
+
+def _sample_bytes(session) -> int:
+    """Bytes of one input sample, as the seed's verbose `data size` line."""
+    shape = session.inputs[0].shape[1:]
+    size = 4
+    for d in shape:
+        size *= int(d)
+    return size
+
+
+class FeatureProgress:
+    """Progress on stderr while the backbone runs over a split: `progress(what, done, total)`."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.what = ""
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        """Advance the bar of `what`; a new label (or a restart) begins a new bar."""
+        if self.bar is None or self.what != what or done < self.bar.done:
+            self.bar, self.what = Progress(f"extracting {what}", total), what
+        self.bar.update(done - self.bar.done)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+class TensorPrinter(Callback):
+    """`-v`: the output tensors after each step, as the seed's after_callback prints them."""
+
+    def on_step_end(self, trainer, step: int, loss: float) -> None:
+        """Print the loss and logits tensors of the step just taken."""
+        import numpy as np
+
+        logits = trainer.session.logits
+        print(f"loss: shape () = {loss:g}", flush=True)
+        print(f"logits: shape {logits.shape} =", np.array2string(logits, precision=6, threshold=64), flush=True)
+
+
+class History(Callback):
+    """Records every step's loss and every evaluation (as `--log` writes them), for `--plot`."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def on_step_end(self, trainer, step: int, loss: float) -> None:
+        """Keep the step's loss."""
+        self.records.append({"event": "step", "step": step, "loss": float(loss)})
+
+    def on_evaluate(self, trainer, split_name: str, accuracy: float) -> None:
+        """Keep an evaluation, at the step it happened."""
+        self.records.append({"event": "evaluate", "split": split_name, "step": trainer.session.step,
+                             "accuracy": float(accuracy)})
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a `--log` JSONL file (to plot a run made where matplotlib is missing)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_plot(records: Sequence[dict], path: str | os.PathLike) -> str:
+    """Draw the loss per step and the test accuracy per evaluation into a PNG (matplotlib, Agg).
+
+    Returns:
+        The path written.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("plotting needs matplotlib, which is not installed (pip install matplotlib)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
+    evals = [(r["step"], r["accuracy"]) for r in records if r.get("event") == "evaluate" and r.get("split") == "test"]
+    fig, loss_ax = plt.subplots(figsize=(8, 4.5))
+    if steps:
+        loss_ax.plot(*zip(*steps), color="tab:blue", linewidth=0.8, label="training loss")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss", color="tab:blue")
+    acc_ax = loss_ax.twinx()
+    if evals:
+        acc_ax.plot(*zip(*evals), "o-", color="tab:orange", label="test accuracy")
+    acc_ax.set_ylabel("test accuracy", color="tab:orange")
+    acc_ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`convert()` and `convert_backbone()`: an ONNX graph to a `.tod` device model (the seed's converter_lite step).
+
+`convert` takes the training graph `edgetune export` wrote; `convert_backbone` takes any ONNX
+backbone (from any framework), cuts it at a named tensor and adds the default head. Both end in
+`build_tod`, which fills every `meta` key of docs/FORMAT.md. Nothing is written unless every check
+passed, and the write itself is atomic (`format.save_file`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgetune import __version__
+from edgetune.convert import frozen
+from edgetune.convert.spec import SGD, Adam, check_loss, optimizer_slots, preprocessing as preset
+from edgetune.convert.split import split_head
+from edgetune.errors import UserError
+from edgetune.runtime.format import TodFile, save_file
+
+METADATA_KEY = "edgetune"
+FROZEN_BLOB = "frozen.onnx"
+
+
+def tod_path(output: str | os.PathLike) -> str:
+    """`<output>.tod`, unless `output` already ends in `.tod`."""
+    output = os.fspath(output)
+    return output if output.endswith(".tod") else output + ".tod"
+
+
+def convert(model_path: str | os.PathLike, output: str | os.PathLike) -> str:
+    """Convert an exported training graph (`edgetune export`) to a `.tod`.
+
+    Args:
+        model_path: the `.onnx` written by `edgetune.host.export`.
+        output: the model path, `.tod` appended unless present.
+
+    Returns:
+        The `.tod` path written.
+
+    Raises:
+        UserError: not an edgetune training graph, no single boundary tensor, or an op in the head
+            the device cannot train (no file is written then).
+    """
+    model = _load(model_path)
+    entry = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if entry is None:
+        raise UserError(f"{os.fspath(model_path)} has no edgetune training metadata; export it with "
+                        f"`edgetune export`, or convert a plain backbone with --backbone-onnx and --cut")
+    info = json.loads(entry)
+    check_loss(info["loss"])
+    head = split_head(model, info["trainable"], info["input"]["name"], info["output"])
+    blob, features = _frozen(model, info["input"]["name"], head.boundary, tuple(info["input"]["shape"][1:]))
+    return _write(output, info, blob, features, head.layers, head.params)
+
+
+def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, output: str | os.PathLike, *,
+                     class_names: Sequence[str] | None = None, preprocessing: str | dict[str, Any] = "lite0",
+                     optimizer: SGD | Adam = SGD(), batch_size: int = 32, seed: int = 0,
+                     loss: str = "softmax_cross_entropy", backbone_name: str | None = None) -> str:
+    """Make a `.tod` from any ONNX backbone: the graph up to tensor `cut` is frozen, a default head is added.
+
+    Args:
+        onnx_path: an ONNX model with one image input (N, C, H, W).
+        cut: the tensor whose (N, F) values become the features.
+        num_classes: outputs of the new head `Dense(F, num_classes)` (weights ~ N(0, 0.1), bias 0).
+        output: the model path, `.tod` appended unless present.
+        class_names: one per class; default `"0"`, `"1"`, ...
+        preprocessing: a preset name (`lite0`, `imagenet`) or a full `meta.preprocessing` object.
+        optimizer: `SGD(...)` or `Adam(...)`.
+        batch_size: the training batch size.
+        seed: seeds the head's initial weights (numpy PCG64).
+        loss: the training loss.
+        backbone_name: recorded in the model; default the file's base name.
+
+    Returns:
+        The `.tod` path written.
+
+    Raises:
+        UserError: `cut` is not a tensor of the graph (the message lists close names), the cut is not
+            (N, F), or bad options.
+    """
+    model = _load(onnx_path)
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise UserError(f"the backbone must have one image input, it has {[i.name for i in inputs]}")
+    chw = _chw(inputs[0])
+    names = [t for n in model.graph.node for t in n.output]
+    if cut not in names:
+        close = difflib.get_close_matches(cut, names, n=8, cutoff=0.4) or names[-8:]
+        raise UserError(f"tensor {cut!r} is not in the graph; close names: {', '.join(close)}")
+    class_names = [str(i) for i in range(num_classes)] if class_names is None else [str(c) for c in class_names]
+    if num_classes < 1 or len(class_names) != num_classes:
+        raise UserError(f"{len(class_names)} class names for {num_classes} classes")
+    if isinstance(preprocessing, str):
+        preprocessing = preset(preprocessing, chw[1:])
+    check_loss(loss)
+    blob, features = _frozen(model, inputs[0].name, cut, chw)
+    rng = np.random.default_rng(seed)
+    params = {"head.weight": rng.normal(0.0, 0.1, (num_classes, features)).astype(np.float32),
+              "head.bias": np.zeros(num_classes, np.float32)}
+    info = {
+        "backbone": backbone_name or os.path.splitext(os.path.basename(os.fspath(onnx_path)))[0],
+        "trainable": sorted(params), "loss": loss, "optimizer": optimizer.to_meta(), "batch_size": int(batch_size),
+        "num_classes": num_classes, "class_names": class_names,
+        "input": {"name": inputs[0].name, "shape": [int(batch_size), *chw], "dtype": "float32"},
+        "label": {"name": "label", "shape": [int(batch_size), num_classes], "dtype": "float32", "encoding": "one-hot"},
+        "preprocessing": preprocessing,
+    }
+    layers = [{"op": "dense", "weight": "head.weight", "bias": "head.bias"}]
+    return _write(output, info, blob, features, layers, params)
+
+
+def _load(path: str | os.PathLike) -> onnx.ModelProto:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    try:
+        return onnx.load(path)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"{path} is not an ONNX model: {e}") from None
+
+
+def _chw(value: onnx.ValueInfoProto) -> tuple[int, int, int]:
+    dims = value.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(shape) != 4 or None in shape[1:]:
+        raise UserError(f"input {value.name!r} must be (N, C, H, W) with fixed C, H, W; it is {shape}")
+    return shape[1], shape[2], shape[3]
+
+
+def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, ...]) -> tuple[bytes, int]:
+    blob = frozen.optimize(frozen.extract(model, input_name, cut))
+    return blob, frozen.probe(blob, input_name, chw)
+
+
+def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, features: int,
+           layers: list[dict[str, Any]], params: dict[str, np.ndarray]) -> str:
+    """Check the head's shapes against the features and classes, build the `.tod`, save it atomically."""
+    width = features
+    for layer in layers:
+        if layer["op"] == "dense":
+            w = params[layer["weight"]]
+            if w.shape[1] != width:
+                raise UserError(f"dense layer {layer['weight']!r} takes {w.shape[1]} inputs but receives {width}")
+            width = w.shape[0]
+    if width != info["num_classes"]:
+        raise UserError(f"the head outputs {width} values for {info['num_classes']} classes")
+    path = tod_path(output)
+    meta = {
+        "name": os.path.basename(path)[: -len(".tod")],
+        "created_by": f"edgetune {__version__}",
+        **{k: info[k] for k in ("backbone", "num_classes", "class_names", "batch_size", "input", "label",
+                                "preprocessing", "trainable", "loss", "optimizer")},
+        "frozen": {"blob": FROZEN_BLOB, "input": info["input"]["name"], "output": frozen.FEATURES, "features": features},
+        "head": layers,
+        "optimizer_step": 0,
+        "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,
+                     "seed": None, "rng_state": None, "data_cursor": None},
+    }
+    tensors = {f"param/{name}": np.ascontiguousarray(v, np.float32) for name, v in params.items()}
+    for name, value in params.items():
+        for slot in optimizer_slots(meta["optimizer"]):
+            tensors[f"optim/{name}/{slot}"] = np.zeros_like(value, np.float32)
+    return save_file(TodFile(meta=meta, tensors=tensors, blobs={FROZEN_BLOB: blob}), path)

@@ -1,0 +1,92 @@
+"""The frozen part: cut it out of a graph, optimize it offline with onnxruntime, check it on the host.
+
+The device loads the result without re-optimizing. Only onnxruntime's *basic* level is applied
+(constant folding, redundant-node removal, standard-op fusions): its output uses only standard ONNX
+ops, so it stays portable across CPUs and onnxruntime builds; the extended and layout levels would
+bake in contrib ops and the host CPU's memory layout. The IR version is lowered to 8 (the one that
+goes with opset 18) so onnxruntime 1.17 can load it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnxruntime as ort
+
+from edgetune.errors import UserError
+
+OPSET = 18
+IR_VERSION = 8
+FEATURES = "features"
+BATCH = "N"
+
+
+def extract(model: onnx.ModelProto, input_name: str, cut: str) -> onnx.ModelProto:
+    """The subgraph from `input_name` to `cut`, the cut renamed `features`, with a dynamic batch dim."""
+    sub = onnx.utils.Extractor(model).extract_model([input_name], [cut])
+    if _opset(sub) != OPSET:
+        try:
+            sub = onnx.version_converter.convert_version(sub, OPSET)
+        except Exception as e:  # the converter raises bare RuntimeErrors for unconvertible ops
+            raise UserError(f"cannot convert the backbone from opset {_opset(sub)} to {OPSET}: {e}") from None
+    graph = sub.graph
+    for node in graph.node:
+        node.input[:] = [FEATURES if x == cut else x for x in node.input]
+        node.output[:] = [FEATURES if x == cut else x for x in node.output]
+    out = graph.output[0]
+    out.name = FEATURES
+    del graph.value_info[:]  # shapes inferred for a fixed batch would contradict the dynamic one
+    for value in (graph.input[0], out):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    del sub.metadata_props[:]
+    return sub
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def optimize(model: onnx.ModelProto) -> bytes:
+    """Run onnxruntime's offline basic optimization and return the portable serialized graph."""
+    print("optimizing the frozen part with onnxruntime (basic level)...", file=sys.stderr)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "frozen.onnx")
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+            raise UserError(f"onnxruntime cannot load the frozen part: {e}") from None
+        optimized = onnx.load(opts.optimized_model_filepath)
+    optimized.ir_version = min(optimized.ir_version, IR_VERSION)
+    del optimized.metadata_props[:]
+    optimized.producer_name, optimized.producer_version = "edgetune", ""
+    return optimized.SerializeToString()
+
+
+def probe(blob: bytes, input_name: str, chw: tuple[int, int, int]) -> int:
+    """Run the frozen part on batches of 1 and 2; return the feature width F of its (N, F) output.
+
+    Raises:
+        UserError: the graph does not run, or its output is not (N, F) for both batch sizes.
+    """
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    widths = set()
+    for n in (1, 2):
+        try:
+            (out,) = sess.run([FEATURES], {input_name: np.zeros((n, *chw), np.float32)})
+        except Exception as e:  # onnxruntime's own error types
+            raise UserError(f"the frozen part does not run on a batch of {n}: {e}") from None
+        if out.ndim != 2 or out.shape[0] != n:
+            raise UserError(f"the cut tensor must be (N, features) per image; on a batch of {n} it is {out.shape}")
+        widths.add(out.shape[1])
+    return widths.pop()

@@ -1,0 +1,150 @@
+"""The feature cache: a frozen backbone's output per sample, computed once and reused every epoch.
+
+The backbone never changes while the head trains, so a sample's features are a pure function of
+(the frozen graph, the preprocessing, the sample). The cache is keyed by a `namespace` digest of
+the first two and a per-sample key (the image file's sha256, or the sha256 of the input array), so
+a stale entry cannot be found: a different model or preprocessing is a different namespace.
+
+On disk (`directory` given) each batch of new rows becomes one segment: `<id>.f32` (rows of
+float32, memory-mapped when read back) and `<id>.json` (the keys, shape and the data's sha256).
+The index is written atomically *after* the data is on disk, and a segment whose data does not
+match its index is ignored, so a crash or a torn file can never feed wrong features to training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class FeatureCache:
+    """Rows of features by sample key, in memory or memory-mapped segments on disk.
+
+    Args:
+        namespace: hex digest identifying the frozen model and preprocessing (see `namespace_for`).
+        directory: a cache root directory; None keeps everything in memory. The namespace becomes
+            a subdirectory, so one root can serve many models.
+    """
+
+    def __init__(self, namespace: str, directory: str | os.PathLike | None = None) -> None:
+        self.namespace = namespace
+        self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
+        self._rows: dict[str, np.ndarray] = {}
+        self.rejected: list[str] = []  # segment files ignored because they failed verification
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            self._load_segments()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
+        """The cached row of each key, or None where there is none."""
+        return [self._rows.get(k) for k in keys]
+
+    def put_many(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        """Store rows (one per key, float32); on disk as one new segment written crash-safely."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[0] != len(keys):
+            raise ValueError(f"expected {len(keys)} rows of features, got shape {rows.shape}")
+        new = [i for i, k in enumerate(keys) if k not in self._rows]
+        if not new:
+            return
+        keys = [keys[i] for i in new]
+        rows = rows[new]
+        if self.directory is not None:
+            rows = self._write_segment(keys, rows)
+        for k, row in zip(keys, rows):
+            self._rows[k] = row
+
+    def _write_segment(self, keys: list[str], rows: np.ndarray) -> np.ndarray:
+        data = rows.tobytes()
+        digest = hashlib.sha256(data).hexdigest()
+        seg = hashlib.sha256(digest.encode() + "\n".join(keys).encode()).hexdigest()[:24]
+        base = os.path.join(self.directory, seg)
+        _atomic_write(base + ".f32", data)  # data first ...
+        index = {"version": 1, "keys": keys, "shape": list(rows.shape), "dtype": "float32", "sha256": digest}
+        _atomic_write(base + ".json", json.dumps(index).encode())  # ... then the index that vouches for it
+        return np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=rows.shape)
+
+    def _load_segments(self) -> None:
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".json"):
+                continue
+            base = os.path.join(self.directory, name[:-5])
+            segment = _verified_segment(base)
+            if segment is None:
+                self.rejected.append(base)
+                print(f"feature cache: ignoring damaged segment {base}.json", file=sys.stderr)
+                continue
+            keys, rows = segment
+            for k, row in zip(keys, rows):
+                self._rows.setdefault(k, row)
+
+
+def _verified_segment(base: str) -> tuple[list[str], np.memmap] | None:
+    """The segment's keys and rows (memory-mapped) if its index parses and its data matches size and sha256."""
+    try:
+        with open(base + ".json", encoding="utf-8") as f:
+            index = json.load(f)
+        shape = index["shape"]
+        keys = index["keys"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
+                and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"):
+            return None
+        size = os.path.getsize(base + ".f32")
+        if size != shape[0] * shape[1] * 4:
+            return None
+        h = hashlib.sha256()
+        with open(base + ".f32", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != index.get("sha256"):
+            return None
+        return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old state or the whole file."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def namespace_for(model_sha256: str, preprocessing: dict, output: str) -> str:
+    """The cache namespace of a frozen graph, its preprocessing and the output name it is read at."""
+    text = json.dumps({"model": model_sha256, "preprocessing": preprocessing, "output": output}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def content_keys(data: np.ndarray) -> list[str]:
+    """One key per sample: the sha256 of its shape, dtype and bytes (used when no file hash is given)."""
+    head = f"{data.dtype.str}{data.shape[1:]}".encode()
+    return [hashlib.sha256(head + np.ascontiguousarray(x).tobytes()).hexdigest() for x in data]

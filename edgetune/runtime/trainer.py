@@ -1,0 +1,187 @@
+"""`Trainer`: the seed's train loop (net_runner's TrainLoop) over a session, a Split and callbacks.
+
+Data order is reproducible and resumable: epochs of a seeded PCG64 permutation of the train split,
+with the generator state at the start of the current epoch and the position in it (`data_cursor`)
+kept in `session.record`, so a checkpoint continues exactly where it stopped. Images are decoded
+only for samples whose features are not cached yet, a batch at a time (never the whole set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from edgetune.errors import UserError
+from edgetune.runtime.session import TrainingDiverged, TrainSession
+
+if TYPE_CHECKING:
+    from edgetune.runtime.callbacks import Callback
+
+__all__ = ["Split", "Trainer", "TrainingDiverged"]
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class Split(Protocol):
+    """What the trainer needs of a dataset split (edgetune.runtime.dataset.Split satisfies it)."""
+
+    name: str
+    labels: np.ndarray
+    keys: list[str]
+
+    def __len__(self) -> int: ...
+
+    def images(self, indices: Sequence[int]) -> np.ndarray: ...
+
+
+class Trainer:
+    """Train a session's head on a split, evaluating and calling callbacks as the seed's loop does.
+
+    Args:
+        session: the model; it is put in train mode by `fit` and eval mode while measuring accuracy.
+        train: the split batches are drawn from.
+        test: the split `test_every` evaluations run on (None: no periodic evaluation).
+        callbacks: `Callback` objects, called in order at each hook.
+        seed: seeds the data order and dropout of a fresh run; a checkpoint whose record already
+            holds a data-order state continues from that state instead.
+        test_every: evaluate on `test` every this many steps (0: never).
+        target_accuracy: stop once a test accuracy is above this (None: never), as the seed's 0.9.
+        progress: called as `progress(what, done, total)` while streaming a split through the model.
+    """
+
+    def __init__(self, session: TrainSession, train: Split, test: Split | None = None, *,
+                 callbacks: Sequence[Callback] = (), seed: int = 0, test_every: int = 20,
+                 target_accuracy: float | None = 0.9, progress: Progress | None = None) -> None:
+        if len(train) == 0:
+            raise UserError("the train split is empty: nothing to train on")
+        self.session, self.train, self.test = session, train, test
+        self.callbacks = list(callbacks)
+        self.test_every, self.target_accuracy, self.progress = int(test_every), target_accuracy, progress
+        self.stop = False
+        self._evaluated: dict[str, tuple[int, float]] = {}
+        record = session.record
+        if record.get("rng_state") is None:
+            record["seed"] = int(seed)
+            self._rng = np.random.Generator(np.random.PCG64(int(seed)))
+            session.seed(int(seed))
+            self._new_epoch()
+        else:
+            self._rng = np.random.Generator(np.random.PCG64())
+            self._rng.bit_generator.state = record["rng_state"]
+            self._epoch_state = record["rng_state"]
+            self._order = self._rng.permutation(len(train))
+            self._cursor = int(record.get("data_cursor") or 0)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per step: the model's batch size, or the whole split if it is smaller."""
+        return min(self.session.batch_size, len(self.train))
+
+    def _new_epoch(self) -> None:
+        self._epoch_state = self._rng.bit_generator.state
+        self._order = self._rng.permutation(len(self.train))
+        self._cursor = 0
+
+    def _next_batch(self) -> np.ndarray:
+        if self._cursor + self.batch_size > len(self._order):  # the partial tail starts a new epoch
+            self._new_epoch()
+        idx = self._order[self._cursor:self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        return idx
+
+    def fit(self, cycles: int) -> Trainer:
+        """Take up to `cycles` optimizer steps (fewer if a callback or the target stops training).
+
+        Raises:
+            TrainingDiverged: a non-finite loss; the step was not applied and nothing was saved.
+        """
+        if cycles < 0:
+            raise UserError(f"cycles must be >= 0, got {cycles}")
+        self.stop = False
+        self.session.train()
+        self._call("on_train_begin", self)
+        for _ in range(cycles):
+            idx = self._next_batch()
+            features = self._features(self.train, idx)
+            self.session.run_head(features, self.train.labels[idx])
+            step = self.session.step
+            self.session.record.update(rng_state=self._epoch_state, data_cursor=self._cursor)
+            self._call("on_step_end", self, step, self.session.loss)
+            if self.test is not None and self.test_every and step % self.test_every == 0:
+                accuracy = self.evaluate("test")
+                if self.target_accuracy is not None and accuracy > self.target_accuracy:
+                    self.stop = True
+            if self.stop:
+                break
+        self._call("on_train_end", self)
+        return self
+
+    def evaluate(self, name: str = "test", split: Split | None = None) -> float:
+        """Accuracy on a named split, told to every callback's `on_evaluate` once per step.
+
+        Args:
+            name: "test" (default split `self.test`, best kept in `record["best_test_accuracy"]`),
+                "validation" (kept in `record["validation_accuracy"]`) or any other label.
+            split: the split; required unless `name` is "test" or "train".
+        """
+        split = split if split is not None else {"test": self.test, "train": self.train}.get(name)
+        if split is None:
+            raise UserError(f"no {name} split to evaluate")
+        step = self.session.step
+        if self._evaluated.get(name, (None,))[0] == step:
+            return self._evaluated[name][1]
+        accuracy = self.accuracy(split)
+        self._evaluated[name] = (step, accuracy)
+        record = self.session.record
+        if name == "test":
+            best = record.get("best_test_accuracy")
+            record["best_test_accuracy"] = accuracy if best is None else max(best, accuracy)
+        elif name == "validation":
+            record["validation_accuracy"] = accuracy
+        self._call("on_evaluate", self, name, accuracy)
+        return accuracy
+
+    def accuracy(self, split: Split) -> float:
+        """Fraction of a split's samples whose argmax logit is their label (every sample counted)."""
+        was_training = self.session.training
+        self.session.eval()
+        try:
+            correct = 0
+            for idx in self._chunks(split, "accuracy"):
+                self.session.run_head(self._features(split, idx))
+                correct += int((self.session.predictions == split.labels[idx]).sum())
+        finally:
+            if was_training:
+                self.session.train()
+        return correct / len(split)
+
+    def features(self, split: Split) -> np.ndarray:
+        """All frozen features of a split, (N, F), computed in streaming batches through the cache."""
+        return np.concatenate([self._features(split, idx) for idx in self._chunks(split, "features")])
+
+    def _chunks(self, split: Split, what: str, size: int = 64):
+        n = len(split)
+        for start in range(0, n, size):
+            yield np.arange(start, min(start + size, n))
+            if self.progress is not None:
+                self.progress(f"{what} {getattr(split, 'name', '')}".strip(), min(start + size, n), n)
+
+    def _features(self, split: Split, idx: np.ndarray) -> np.ndarray:
+        """Features of `split[idx]`; with the cache on, only the uncached images are decoded."""
+        sess = self.session
+        if not sess.ctx.cache:
+            return sess.extract_features(split.images(idx))
+        keys = [split.keys[i] for i in idx]
+        rows = sess.feature_cache.get_many(keys)
+        missing = [j for j, r in enumerate(rows) if r is None]
+        if missing:
+            fresh = sess.extract_features(split.images(idx[missing]), keys=[keys[j] for j in missing])
+            for k, j in enumerate(missing):
+                rows[j] = fresh[k]
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)

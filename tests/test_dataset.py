@@ -1,0 +1,202 @@
+"""The runtime loader: split rule, labels from classes.txt, preprocessing numbers, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetune.errors import UserError
+from edgetune.runtime import dataset as dataset_module
+from edgetune.runtime.dataset import load_dataset, preprocess, read_class_file, resize_shorter
+from tests.fixtures_data import random_image
+
+LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": "NCHW", "channels": "RGB",
+         "scale": 1.0, "mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0]}
+IMAGENET = {**LITE0, "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def small_pre(size: int = 8, resize: int | None = None) -> dict:
+    return {**LITE0, "resize_shorter": resize, "size": [size, size]}
+
+
+def make_dataset(root: Path, classes: list[tuple[str, str]], per_class: int, size: int = 8) -> Path:
+    """classes.txt in the given order + `per_class` random BMPs per folder, folders made in reverse order."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (folder, _) in reversed(list(enumerate(classes))):
+        (root / folder).mkdir()
+        for j in range(per_class):
+            random_image(root / folder / f"img_{j:03d}.bmp", (size, size), seed=100 * i + j)
+    (root / "classes.txt").write_text("".join(f"{f}\t{n}\n" for f, n in classes), encoding="utf-8")
+    return root
+
+
+def test_fashion_split_is_60_20_20_per_class_by_the_seed_rule(fashion_dir: Path) -> None:
+    ds = load_dataset(fashion_dir, LITE0, num_classes=10)
+    assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+    assert (len(ds.train), len(ds.test), len(ds.validation)) == (600, 200, 200)
+    for split, per_class in ((ds.train, 60), (ds.test, 20), (ds.validation, 20)):
+        assert np.bincount(split.labels, minlength=10).tolist() == [per_class] * 10
+    all_paths = ds.train.paths + ds.test.paths + ds.validation.paths
+    assert len(set(all_paths)) == 1000 and ds.skipped == []
+    # the rule, by hand, for class 3: its sorted listing, index % 5
+    files = sorted(os.listdir(fashion_dir / "3"))
+    expect = {"validation": files[0::5], "test": files[1::5]}
+    expect["train"] = [f for i, f in enumerate(files) if i % 5 > 1]
+    for name, want in expect.items():
+        split = ds.split(name)
+        got = [Path(p).name for p, lab in zip(split.paths, split.labels) if lab == 3]
+        assert got == want
+    # the key is the sha256 of the file's bytes
+    assert ds.test.keys[7] == hashlib.sha256(Path(ds.test.paths[7]).read_bytes()).hexdigest()
+
+
+def test_fashion_images_are_preprocessed_as_lite0_wants(fashion_dir: Path) -> None:
+    ds = load_dataset(fashion_dir, LITE0)
+    batch = ds.validation.images([0, 5])
+    assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
+    pixels = np.asarray(Image.open(ds.validation.paths[5]), np.float64)  # 224x224 already: no resize
+    np.testing.assert_allclose(batch[1], (pixels.transpose(2, 0, 1) - 127) / 128, rtol=0, atol=1e-6)
+
+
+def test_labels_follow_the_class_file_not_the_directory_listing(tmp_path: Path) -> None:
+    classes = [("b", "bee"), ("c", "cat"), ("a", "ant")]  # sorted listing would be a, b, c
+    root = make_dataset(tmp_path / "ds", classes, per_class=5)
+    ds = load_dataset(root, small_pre())
+    assert ds.class_names == ["bee", "cat", "ant"]
+    for split in (ds.train, ds.test, ds.validation):
+        for path, label in zip(split.paths, split.labels):
+            assert Path(path).parent.name == classes[label][0]
+    # with 5 per class: 1 validation, 1 test, 3 train each
+    assert ds.validation.labels.tolist() == [0, 1, 2] and ds.train.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_preprocessing_matches_a_hand_computation(tmp_path: Path) -> None:
+    # exact size: no resize, only (p * scale - mean) / std with ImageNet numbers
+    pixels = random_image(tmp_path / "a.bmp", (224, 224), seed=1)
+    out = preprocess(Image.open(tmp_path / "a.bmp"), IMAGENET)
+    for c, y, x in ((0, 0, 0), (1, 100, 37), (2, 223, 223)):
+        hand = (pixels[y, x, c] / 255 - IMAGENET["mean"][c]) / IMAGENET["std"][c]
+        assert out[c, y, x] == pytest.approx(hand, abs=1e-5)
+    # no resize_shorter: a pure center crop at torchvision's offsets round((300-224)/2)=38, round((260-224)/2)=18
+    pixels = random_image(tmp_path / "b.bmp", (300, 260), seed=2)
+    out = preprocess(Image.open(tmp_path / "b.bmp"), {**LITE0, "resize_shorter": None})
+    np.testing.assert_allclose(out, (pixels[18:242, 38:262].transpose(2, 0, 1) - 127.0) / 128.0, atol=1e-6)
+    # resize_shorter 256 of a 512x384 image: 341x256 (torchvision's int()), then a crop; a flat colour stays flat
+    img = Image.new("RGB", (512, 384), (200, 10, 127))
+    assert resize_shorter(img, 256).size == (341, 256)
+    out = preprocess(img, LITE0)
+    assert out.shape == (3, 224, 224)
+    for c, value in enumerate((73 / 128, -117 / 128, 0.0)):
+        np.testing.assert_allclose(out[c], value, atol=1e-6)
+
+
+def test_images_decodes_only_the_requested_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=10)
+    ds = load_dataset(root, small_pre())
+    opened: list[str] = []
+    real = dataset_module.open_image
+    monkeypatch.setattr(dataset_module, "open_image", lambda p: (opened.append(p), real(p))[1])
+    batch = ds.train.images(np.array([4, 1]))
+    assert opened == [ds.train.paths[4], ds.train.paths[1]]
+    assert batch.shape == (2, 3, 8, 8)
+    assert ds.train.images(slice(0, 3)).shape == (3, 3, 8, 8)
+    np.testing.assert_array_equal(ds.train.images(None)[[4, 1]], batch)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header says width x height: a decompression bomb in 70 bytes."""
+    out = io.BytesIO()
+    Image.new("1", (1, 1)).save(out, format="PNG")
+    buf = bytearray(out.getvalue())
+    buf[16:24] = struct.pack(">II", width, height)
+    buf[29:33] = struct.pack(">I", zlib.crc32(bytes(buf[12:29])))
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("width,height", [(9000, 8000), (10000, 10000), (20000, 20000)],
+                         ids=["over-our-limit", "pillow-warning", "pillow-error"])
+def test_decompression_bombs_are_refused(width: int, height: int) -> None:
+    with pytest.raises(dataset_module.BadImage, match="decompression bomb"):
+        dataset_module.open_image(png_claiming(width, height))
+
+
+def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=5)
+    good = (root / "0" / "img_000.bmp").read_bytes()
+    (root / "0" / "empty.bmp").write_bytes(b"")
+    (root / "0" / "truncated.bmp").write_bytes(good[: len(good) // 2])
+    (root / "0" / "notes.txt").write_text("not an image")
+    (root / "1" / "bomb.png").write_bytes(png_claiming(20000, 20000))
+    (root / "1" / "dir.bmp").mkdir()
+    (root / "1" / "loop.bmp").symlink_to("loop.bmp")
+    (root / "1" / ".hidden.tmp").write_bytes(b"junk")  # temp files are not candidates at all
+    jpeg = tmp_path / "t.jpg"
+    random_image(jpeg, (64, 64), seed=3, fmt="JPEG")
+    (root / "1" / "truncated.jpg").write_bytes(jpeg.read_bytes()[:300])
+    ds = load_dataset(root, small_pre())
+    reasons = {Path(p).name: r for p, r in ds.skipped}
+    assert set(reasons) == {"empty.bmp", "truncated.bmp", "notes.txt", "bomb.png", "dir.bmp", "loop.bmp",
+                            "truncated.jpg"}
+    assert reasons["empty.bmp"] == "empty file" and reasons["notes.txt"] == "not an image"
+    assert "decompression bomb" in reasons["bomb.png"] and "truncated" in reasons["truncated.bmp"]
+    assert reasons["dir.bmp"] == reasons["loop.bmp"] == "not a regular file"
+    assert len(ds.train) + len(ds.test) + len(ds.validation) == 10
+    err = capsys.readouterr().err
+    assert err.count("warning: skipped ") == 8 and "skipped 7 of 17 files" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no unreadable file to make")
+def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", [("0", "x")], per_class=3)
+    (root / "0" / "img_001.bmp").chmod(0)
+    ds = load_dataset(root, small_pre())
+    assert [(Path(p).name, r.split(" ")[0]) for p, r in ds.skipped] == [("img_001.bmp", "unreadable")]
+
+
+def test_class_count_mismatch_is_refused_before_reading_images(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=2)
+    monkeypatch.setattr(dataset_module, "check_file", lambda p: pytest.fail("decoded an image"))
+    with pytest.raises(UserError, match="has 2 classes but the model has 10"):
+        load_dataset(root, small_pre(), num_classes=10)
+
+
+def test_dataset_structure_errors(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=2)
+    (root / "2").mkdir()
+    (root / "classes.txt").write_text("0\tx\n1\ty\n2\tz\n")
+    with pytest.raises(UserError, match=r"class folder .*2 \(class 'z'\) has no usable images"):
+        load_dataset(root, small_pre())
+    (root / "classes.txt").write_text("0\tx\n3\tw\n")
+    with pytest.raises(UserError, match=r"class folder .*3 \(class 'w'\) is missing"):
+        load_dataset(root, small_pre())
+    (root / "classes.txt").unlink()
+    with pytest.raises(UserError, match="prepare-data"):
+        load_dataset(root, small_pre())
+    with pytest.raises(UserError, match="not found"):
+        load_dataset(tmp_path / "nothing", small_pre())
+    with pytest.raises(UserError, match="only NCHW RGB"):
+        load_dataset(root, {**small_pre(), "layout": "NHWC"})
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0 x\n", "expected `<folder>"), ("0\tx\n0\ty\n", "listed twice"), ("\n\n", "lists no classes"),
+    ("../up\tx\n", "expected `<folder>"),
+])
+def test_class_file_errors(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "classes.txt").write_text(text)
+    with pytest.raises(UserError, match=message):
+        read_class_file(tmp_path / "classes.txt")
+
+
+def test_class_file_reads_names_with_spaces_and_unicode(tmp_path: Path) -> None:
+    (tmp_path / "classes.txt").write_text("0\tT-shirt/top\n\n1\tAnkle boot é\n", encoding="utf-8")
+    assert read_class_file(tmp_path / "classes.txt") == [("0", "T-shirt/top"), ("1", "Ankle boot é")]

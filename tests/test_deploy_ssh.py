@@ -1,0 +1,140 @@
+"""Deployment: the wheel bundle, the generated scripts, and copying/running over a real sshd."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from edgetune.deploy import bundle, package, transport
+from edgetune.errors import UserError
+
+# a folder name a remote shell would split, unquote or run as two commands if not quoted
+AWKWARD = "remote dir; it's \"quoted\" $HOME"
+
+
+def test_platform_tags_list_every_alias_newest_first() -> None:
+    tags = bundle.platform_tags("arm64")
+    assert tags[0] == "manylinux_2_28_aarch64"
+    for tag in ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_27_aarch64"):
+        assert tag in tags
+    assert all(t.endswith("_aarch64") for t in tags)
+    assert "manylinux2014_x86_64" in bundle.platform_tags("x86")
+    with pytest.raises(UserError, match="x86, arm64"):
+        bundle.platform_tags("riscv")
+
+
+@pytest.mark.parametrize(("names", "expected"), [
+    (["onnxruntime-1.17.0-cp311-cp311-manylinux_2_27_aarch64.whl"], "1.17"),
+    (["onnxruntime-1.16.3-cp311-cp311-manylinux2014_aarch64.whl",
+      "onnxruntime-1.20.1-cp311-cp311-manylinux_2_28_aarch64.whl"], "1.20"),
+])
+def test_check_onnxruntime_accepts_new_enough(tmp_path: Path, names: list[str], expected: str) -> None:
+    for n in names:
+        (tmp_path / n).touch()
+    assert bundle.check_onnxruntime(tmp_path) == expected
+
+
+@pytest.mark.parametrize("names", [[], ["onnxruntime-1.16.3-cp311-cp311-manylinux2014_aarch64.whl"]])
+def test_check_onnxruntime_rejects_old_or_missing(tmp_path: Path, names: list[str]) -> None:
+    for n in names:
+        (tmp_path / n).touch()
+    with pytest.raises(UserError, match="onnxruntime"):
+        bundle.check_onnxruntime(tmp_path)
+
+
+def test_device_requirements_have_no_torch() -> None:
+    reqs = bundle.device_requirements()
+    names = {re.split(r"[<>=!\[ ]", r)[0].lower() for r in reqs}
+    assert names == {"numpy", "onnxruntime", "pillow"}
+
+
+def test_edgetune_wheel_holds_the_runtime_and_leaves_the_checkout_alone(tmp_path: Path) -> None:
+    root = bundle.source_root()
+    before = sorted(p.name for p in root.iterdir())
+    wheel = bundle.build_edgetune_wheel(tmp_path / "out", tmp_path / "work")
+    assert sorted(p.name for p in root.iterdir()) == before  # no build/ or egg-info appeared
+    assert not (tmp_path / "work").exists()
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        meta = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert "edgetune/runtime/session.py" in names
+    assert "edgetune/cli/net_runner.py" in names
+    assert 'Requires-Dist: onnxruntime>=1.17; extra == "device"' in meta
+
+
+def test_scripts_are_valid_sh_and_call_net_runner_like_the_seed(tmp_path: Path) -> None:
+    texts = package.script_texts("model/m.tod", "3.11", ("-c", "5", "--lr", "0.01"))
+    assert set(texts) == set(package.SCRIPTS)
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+        assert subprocess.run(["sh", "-n", tmp_path / name]).returncode == 0, name
+        assert "pip install -q --no-index --find-links wheels 'edgetune[device]'" in text
+    last = {name: text.strip().splitlines()[-1] for name, text in texts.items()}
+    assert last["eval_untrained.sh"] == "exec .venv/bin/net_runner -f model/m.tod -c 0 -d dataset --cache-dir cache"
+    assert last["train.sh"].startswith("exec .venv/bin/net_runner -f model/m.tod -c 5 --lr 0.01 -d dataset")
+    assert last["eval.sh"] == "exec .venv/bin/net_runner -f model/m_trained.tod -c 0 -d dataset --cache-dir cache"
+
+
+def test_script_refuses_a_python_of_another_version(tmp_path: Path) -> None:
+    (tmp_path / "eval.sh").write_text(package.script_texts("model/m.tod", "2.7")["eval.sh"])
+    done = subprocess.run(["sh", "eval.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2
+    assert "for Python 2.7" in done.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_clean_package_dir_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a package folder"):
+        package.clean_package_dir(tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep"
+
+
+def test_ssh_push_and_run_with_an_awkward_remote_folder(ssh_server, tmp_path: Path, capfd) -> None:
+    pkg = tmp_path / "package-x86"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "sub" / "data.txt").write_text("payload\n")
+    (pkg / ".venv").mkdir()  # a local venv is never copied
+    (pkg / "hello.sh").write_text('echo "ran in $(pwd)"; cat sub/data.txt; exit 3\n')
+    remote_root = tmp_path / AWKWARD
+    ssh = transport.Ssh(ssh_server.host, os.fspath(remote_root), config=ssh_server.config)
+    where = ssh.push(pkg)
+    assert where == f"{ssh_server.host}:{remote_root / 'package-x86'}"
+    assert (remote_root / "package-x86" / "sub" / "data.txt").read_text() == "payload\n"
+    assert not (remote_root / "package-x86" / ".venv").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["package-x86", AWKWARD])  # nothing split off
+    capfd.readouterr()
+    assert ssh.run("hello.sh") == 3
+    assert capfd.readouterr().out == f"ran in {remote_root / 'package-x86'}\npayload\n"
+
+
+def test_ssh_unreachable_host_is_one_clear_error(ssh_server) -> None:
+    with pytest.raises(UserError, match="cannot reach nohost.invalid over ssh"):
+        transport.Ssh("nohost.invalid", config=ssh_server.config)
+    with pytest.raises(UserError, match="bad ssh host"):
+        transport.Ssh("-oProxyCommand=touch /tmp/x")
+
+
+@pytest.mark.parametrize("argv", [
+    ["-t", "arm64"],  # adb by default, and no adb / no device here
+    ["--via", "ssh"],  # no --host
+    ["--via", "ssh", "--host", "nohost.invalid", "--ssh-config", os.devnull],
+    ["-t", "arm64", "--via", "local"],
+])
+def test_prepare_and_run_transport_errors_exit_2_before_building(tmp_path: Path, argv: list[str]) -> None:
+    env = {**os.environ, "PATH": os.fspath(tmp_path)}  # no adb on this PATH, nor ssh
+    if "nohost.invalid" in argv:
+        env["PATH"] = os.environ["PATH"]
+    done = subprocess.run([sys.executable, "-m", "edgetune.cli.main", "prepare-and-run", *argv],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgetune prepare-and-run: error: "), done.stderr
+    assert os.listdir(tmp_path) == []  # nothing built

@@ -1,0 +1,209 @@
+"""TrainSession on the tiny model: modes, run_graph vs torch, labels, save/resume, export, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgetune.errors import UserError
+from edgetune.runtime import Context, TensorSpec, TrainingDiverged, TrainSession
+from edgetune.runtime import format as tod_format
+from tests.fixtures_runtime import TINY_FEATURES, frozen_onnx
+
+
+def batch(n: int = 4, seed: int = 1, c: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (n, 3, 8, 8)).astype(np.float32), rng.integers(0, c, n)
+
+
+def test_create_exposes_the_model(tiny_tod) -> None:
+    sess = TrainSession.create(tiny_tod(num_classes=5, batch_size=6))
+    assert sess.inputs == [TensorSpec("data", (6, 3, 8, 8), "float32"), TensorSpec("label", (6, 5), "float32")]
+    assert (sess.num_classes, sess.batch_size, sess.class_names) == (5, 6, ["0", "1", "2", "3", "4"])
+    assert sess.preprocessing["mean"] == [127.0] * 3
+    assert sess.training and sess.eval() is sess and not sess.training and sess.train().training
+    assert sess.step == 0 and sess.learning_rate == 0.05
+    assert len(sess.model_sha256) == 64 and sess.record["steps"] == 0
+
+
+def test_frozen_part_matches_a_torch_reference(tiny_tod) -> None:
+    """onnxruntime runs the frozen Conv+Relu+GAP graph as torch computes it."""
+    import onnx
+    from onnx import numpy_helper
+
+    sess = TrainSession.create(tiny_tod())
+    init = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(frozen_onnx(0)).graph.initializer}
+    x, _ = batch(5)
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.tensor(init["conv.w"]),
+                                                torch.tensor(init["conv.b"]), padding=1)).mean((2, 3))
+    np.testing.assert_allclose(sess.extract_features(x), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_matches_torch(tiny_tod) -> None:
+    """run_graph in train mode = features -> head -> mean CE -> SGD(momentum, dampening) step, as torch."""
+    sess = TrainSession.create(tiny_tod(head="dense"))
+    w = torch.tensor(sess.params["head.weight"].data, requires_grad=True)
+    b = torch.tensor(sess.params["head.bias"].data, requires_grad=True)
+    opt = torch.optim.SGD([w, b], lr=0.05, momentum=0.9, dampening=0.01)
+    for step in range(5):
+        x, y = batch(seed=step)
+        feats = torch.from_numpy(sess.extract_features(x))
+        out = sess.run_graph(x, y)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(feats @ w.T + b, torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        assert out["loss"].shape == () and out["logits"].shape == (4, 3)
+        assert sess.loss == pytest.approx(loss.item(), rel=1e-5)
+    np.testing.assert_allclose(sess.params["head.weight"].data, w.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert sess.step == 5 and sess.record["steps"] == 5
+
+
+def test_int_labels_equal_one_hot(tiny_tod) -> None:
+    path = tiny_tod()
+    x, y = batch()
+    a = TrainSession.create(path).eval().run_graph(x, y)
+    b = TrainSession.create(path).eval().run_graph(x, np.eye(3, dtype=np.float32)[y])
+    assert a["loss"] == b["loss"]
+    np.testing.assert_array_equal(a["logits"], b["logits"])
+
+
+def test_eval_is_forward_only_and_callback_sees_outputs(tiny_tod) -> None:
+    sess = TrainSession.create(tiny_tod()).eval()
+    before = {n: p.data.copy() for n, p in sess.params.items()}
+    seen = []
+    x, y = batch()
+    out = sess.run_graph(x, y, after_callback=seen.append)
+    out2 = sess.run_graph(x, y)
+    assert seen == [out] and set(out) == {"loss", "logits"}
+    np.testing.assert_array_equal(out["logits"], out2["logits"])  # dropout off in eval
+    assert all(np.array_equal(before[n], p.data) for n, p in sess.params.items()) and sess.step == 0
+    np.testing.assert_array_equal(sess.predictions, out["logits"].argmax(1))
+    assert set(sess.run_graph(x)) == {"logits"}
+
+
+def test_learning_rate_is_settable_and_saved(tiny_tod, tmp_path) -> None:
+    sess = TrainSession.create(tiny_tod())
+    sess.learning_rate = 0.001
+    assert TrainSession.create(sess.save(tmp_path / "a.tod")).learning_rate == 0.001
+    with pytest.raises(UserError, match="learning rate"):
+        sess.learning_rate = float("inf")
+
+
+def test_save_of_an_unchanged_model_round_trips_bytes(tiny_tod, tmp_path) -> None:
+    path = tiny_tod()
+    TrainSession.create(path).save(tmp_path / "copy.tod")
+    assert (tmp_path / "copy.tod").read_bytes() == open(path, "rb").read()
+
+
+@pytest.mark.parametrize("optimizer", [None, {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+                                              "weight_decay": 0.0}])
+def test_checkpoint_resume_is_bit_identical(tiny_tod, tmp_path, optimizer) -> None:
+    """Params, optimizer slots, step count and the dropout generator all live in the checkpoint."""
+    path = tiny_tod(optimizer=optimizer)
+    batches = [batch(seed=s) for s in range(6)]
+    full = TrainSession.create(path)
+    full.seed(7)
+    for x, y in batches:
+        full.run_graph(x, y)
+    part = TrainSession.create(path)
+    part.seed(7)
+    for x, y in batches[:3]:
+        part.run_graph(x, y)
+    resumed = TrainSession.create(part.save(tmp_path / "ckpt.tod"))
+    assert resumed.step == 3
+    for x, y in batches[3:]:
+        resumed.run_graph(x, y)
+    for name, p in full.params.items():
+        np.testing.assert_array_equal(resumed.params[name].data, p.data)
+    assert resumed.loss == full.loss
+    tod = tod_format.load_file(resumed.save(tmp_path / "end.tod"))
+    assert tod.meta["optimizer_step"] == 6 and tod.meta["training"]["steps"] == 6
+    slot = "momentum_buffer" if optimizer is None else "exp_avg"
+    assert np.abs(tod.tensors[f"optim/head.4.weight/{slot}"]).sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_non_finite_loss_raises_and_keeps_the_weights(tiny_tod) -> None:
+    sess = TrainSession.create(tiny_tod())
+    before = {n: p.data.copy() for n, p in sess.params.items()}
+    x, y = batch()
+    x[0, 0, 0, 0] = np.inf
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss is nan.*lower --lr"):
+        sess.run_graph(x, y)
+    assert isinstance(TrainingDiverged("x"), UserError)
+    assert sess.step == 0 and all(np.array_equal(before[n], p.data) for n, p in sess.params.items())
+
+
+@pytest.mark.parametrize("data, labels, message", [
+    (np.zeros((4, 3, 9, 8), np.float32), None, r"data must be \(N, 3, 8, 8\)"),
+    (np.zeros((4, 3, 8, 8), np.float64), None, "float32"),
+    (np.zeros((4, 3, 8, 8), np.float32), np.array([0, 1, 2, 3]), "class ids in 0..2"),
+    (np.zeros((4, 3, 8, 8), np.float32), np.zeros((4, 4), np.float32), "labels must be"),
+    (np.zeros((4, 3, 8, 8), np.float32), None, "train mode needs labels"),
+])
+def test_bad_inputs_are_user_errors(tiny_tod, data, labels, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        TrainSession.create(tiny_tod()).run_graph(data, labels)
+
+
+def test_damaged_or_incomplete_models_raise_tod_errors(tiny_tod, tmp_path) -> None:
+    path = tiny_tod()
+    raw = bytearray(open(path, "rb").read())
+    raw[-3] ^= 0xFF
+    (tmp_path / "bad.tod").write_bytes(raw)
+    with pytest.raises(tod_format.ChecksumError):
+        TrainSession.create(tmp_path / "bad.tod")
+    tod = tod_format.load_file(path)
+    del tod.meta["head"]
+    with pytest.raises(tod_format.TodError, match="not a usable model.*head"):
+        TrainSession.create(tod_format.save_file(tod, tmp_path / "nohead.tod"))
+
+
+@pytest.mark.parametrize("head", ["mlp", "nobias"])
+def test_export_inference_runs_with_numpy_and_onnxruntime_only(tiny_tod, tmp_path, head: str) -> None:
+    sess = TrainSession.create(tiny_tod(head=head))
+    for s in range(3):  # train a little so the export carries trained weights
+        sess.run_graph(*batch(seed=s))
+    x, _ = batch(n=7, seed=9)
+    expected = sess.eval().run_graph(x)["logits"]
+    onnx_path = sess.export_inference(tmp_path / "clf.onnx")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, json, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(onnx_path)!r}, providers=['CPUExecutionProvider'])\n"
+        f"y = s.run(['logits'], {{'data': np.load({str(tmp_path / 'x.npy')!r})}})[0]\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'edgetune'))))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+
+    import onnx
+    model = onnx.load(onnx_path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert "Dropout" not in [n.op_type for n in model.graph.node]
+
+
+def test_runtime_never_imports_torch_or_onnx() -> None:
+    script = ("import sys, edgetune.runtime, edgetune.runtime.trainer, edgetune.runtime.callbacks, "
+              "edgetune.runtime.onnx_wire\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_threads_come_from_the_context(tiny_tod) -> None:
+    sess = TrainSession.create(tiny_tod(), Context(threads=2, cache=False))
+    sess.extract_features(batch()[0])
+    opts = sess._ort_session().get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+    with pytest.raises(UserError, match="threads"):
+        Context(threads=0)
+    assert TINY_FEATURES == sess.extract_features(batch()[0]).shape[1]
