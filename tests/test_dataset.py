@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from edgetune.errors import UserError
@@ -153,12 +155,18 @@ def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, cap
     assert err.count("warning: skipped ") == 8 and "skipped 7 of 17 files" in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no unreadable file to make")
-def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "ds", [("0", "x")], per_class=3)
-    (root / "0" / "img_001.bmp").chmod(0)
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # chmod 0 does not stop root, so refuse the read here
+        if self.name == "img_001.bmp":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
     ds = load_dataset(root, small_pre())
-    assert [(Path(p).name, r.split(" ")[0]) for p, r in ds.skipped] == [("img_001.bmp", "unreadable")]
+    assert [(Path(p).name, r) for p, r in ds.skipped] == [("img_001.bmp", "unreadable (Permission denied)")]
 
 
 def test_class_count_mismatch_is_refused_before_reading_images(tmp_path: Path,
@@ -200,3 +208,21 @@ def test_class_file_errors(tmp_path: Path, text: str, message: str) -> None:
 def test_class_file_reads_names_with_spaces_and_unicode(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("0\tT-shirt/top\n\n1\tAnkle boot é\n", encoding="utf-8")
     assert read_class_file(tmp_path / "classes.txt") == [("0", "T-shirt/top"), ("1", "Ankle boot é")]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["BMP", "PNG", "JPEG", "GIF"]), cut=st.integers(0, 2000),
+       flips=st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 255)), max_size=4))
+def test_damaged_files_give_an_image_or_bad_image_never_another_error(fmt: str, cut: int,
+                                                                      flips: list[tuple[int, int]]) -> None:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(out, format=fmt)
+    data = bytearray(out.getvalue())
+    for at, xor in flips:
+        data[at % len(data)] ^= xor
+    data = data[: len(data) - cut] if cut < len(data) else data
+    try:
+        img = dataset_module.open_image(bytes(data))
+    except dataset_module.BadImage:
+        return
+    assert img.mode == "RGB"

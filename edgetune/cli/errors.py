@@ -17,7 +17,7 @@ def run_guarded(body: Callable[[], int | None], prog: str) -> int:
 
     try:
         return body() or 0
-    except (UserError, TodError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (UserError, TodError, OSError) as e:  # OSError: missing file, no permission, full disk
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,16 +42,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.classes and not args.places365:
         raise UserError("--classes applies to --places365 only")
+    per_class = 100 if args.per_class is None else args.per_class
     if args.places365:
         report = prepare.prepare_places365(args.places365, args.output, args.classes or prepare.SEED_CLASSES,
-                                           args.format, per_class=args.per_class or 100)
+                                           args.format, per_class=per_class)
     elif args.images:
         if args.crop < 1 or args.resize_shorter < 0:
             raise UserError("--crop must be positive and --resize-shorter not negative")
         report = prepare.prepare_image_folder(args.images, args.output, args.resize_shorter or None, args.crop,
                                               args.format, per_class=args.per_class)
     else:
-        report = prepare.prepare_fashion_mnist(args.output, args.per_class or 100, args.fashion_source, args.format)
+        report = prepare.prepare_fashion_mnist(args.output, per_class, args.fashion_source, args.format)
     if not report.up_to_date:
         print(f"{report.out}: {report.total} images in {len(report.class_names)} classes "
               f"({report.written} written, {report.existing} already there, {len(report.skipped)} skipped)",

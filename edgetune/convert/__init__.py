@@ -1,6 +1,19 @@
-"""Host side (onnx, no torch): an ONNX training graph or backbone to a `.tod` device model."""
+"""Host side (onnx, no torch): an ONNX training graph or backbone to a `.tod` device model.
 
-from edgetune.convert.convert import convert, convert_backbone, tod_path
-from edgetune.convert.spec import SGD, Adam
+The names below load on first use, so `edgetune.convert.spec` (plain data: optimizer specs,
+preprocessing presets) imports without onnx, e.g. while the CLI builds its parsers.
+"""
 
-__all__ = ["SGD", "Adam", "convert", "convert_backbone", "tod_path"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"convert": "converter", "convert_backbone": "converter", "tod_path": "converter", "SGD": "spec", "Adam": "spec"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edgetune.convert' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"edgetune.convert.{_EXPORTS[name]}"), name)

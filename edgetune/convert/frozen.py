@@ -1,9 +1,11 @@
 """The frozen part: cut it out of a graph, optimize it offline with onnxruntime, check it on the host.
 
-The device loads the result without re-optimizing. Only onnxruntime's *basic* level is applied
-(constant folding, redundant-node removal, standard-op fusions): its output uses only standard ONNX
-ops, so it stays portable across CPUs and onnxruntime builds; the extended and layout levels would
-bake in contrib ops and the host CPU's memory layout. The IR version is lowered to 8 (the one that
+The device loads the result without re-optimizing. onnxscript's optimizer first folds constants
+and BatchNorm into the convolutions (the training graph is exported unoptimized, so that no
+trainable initializer is folded away), then onnxruntime's *basic* level is applied offline
+(standard-op fusions, redundant-node removal): its output uses only standard ONNX ops, so it stays
+portable across CPUs and onnxruntime builds; the extended and layout levels would bake in contrib
+ops and the host CPU's memory layout. The IR version is lowered to 8 (the one that
 goes with opset 18) so onnxruntime 1.17 can load it.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 import onnx.version_converter
 import onnxruntime as ort
+import onnxscript.optimizer
 
 from edgetune.errors import UserError
 
@@ -55,8 +58,9 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def optimize(model: onnx.ModelProto) -> bytes:
-    """Run onnxruntime's offline basic optimization and return the portable serialized graph."""
-    print("optimizing the frozen part with onnxruntime (basic level)...", file=sys.stderr)
+    """Fold constants and BatchNorm (onnxscript), then onnxruntime's offline basic level; return the bytes."""
+    print("optimizing the frozen part (onnxscript, then onnxruntime basic level)...", file=sys.stderr)
+    model = onnxscript.optimizer.optimize(model)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.intra_op_num_threads = 1

@@ -101,6 +101,8 @@ def prepare_places365(src: str | os.PathLike, out: str | os.PathLike, classes: S
     val_list = find_list(src, "places365_val.txt", required=True)
     names = read_categories(find_list(src, "categories_places365.txt", required=False))
     classes = [int(c) for c in classes]
+    if not classes:
+        raise UserError("no classes chosen")
     if len(set(classes)) != len(classes):
         raise UserError(f"--classes lists an id twice: {classes}")
     known = len(names) if names else 365
@@ -287,12 +289,21 @@ def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: li
         raise UserError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     if per_class is not None and per_class < 1:
         raise UserError(f"--per-class must be at least 1, got {per_class}")
+    bad = [n for n in class_names if not n.strip() or "\t" in n or "\n" in n or "\r" in n]
+    if bad:
+        raise UserError(f"class name {bad[0]!r} cannot go in {CLASS_FILE} (empty, or has a tab or line break)")
     out = Path(os.fspath(out))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
     wanted = [(str(k), name) for k, name in enumerate(class_names)]
     class_file = out / CLASS_FILE
     was_complete = class_file.exists()
     if was_complete and read_class_file(class_file) != wanted:
         raise UserError(f"{out} already holds a dataset with other classes: remove it or choose another -o")
+    for k, found in enumerate(candidates):  # refuse a foreign output before writing anything into it
+        names = {f"{c.name}.{fmt}" for c in found}
+        if (out / str(k)).is_dir():
+            check_no_extra(out, out / str(k), names)
     report = PrepareReport(str(out), list(class_names))
     limit = per_class or max(map(len, candidates), default=0)
     progress = Progress(f"prepare {out}", sum(min(limit, len(c)) for c in candidates))
@@ -320,10 +331,7 @@ def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: li
             progress.update()
         if not chosen:
             raise UserError(f"class {class_names[k]!r} has no usable images in the source")
-        extra = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in chosen)
-        if extra:
-            raise UserError(f"{folder} holds {len(extra)} files this preparation would not write (e.g. {extra[0]}): "
-                            f"it was made with other options; remove {out} or choose another -o")
+        check_no_extra(out, folder, chosen)
     progress.close()
     if report.skipped:
         print(f"warning: skipped {len(report.skipped)} unusable source images", file=sys.stderr)
@@ -334,6 +342,14 @@ def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: li
         text = "".join(f"{folder}\t{name}\n" for folder, name in wanted)
         write_text_atomic(class_file, text)
     return report
+
+
+def check_no_extra(out: Path, folder: Path, expected: set[str]) -> None:
+    """Refuse a class folder holding files this run would not write: two datasets must not mix."""
+    extra = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in expected)
+    if extra:
+        raise UserError(f"{folder} holds {len(extra)} files this preparation would not write (e.g. {extra[0]}): "
+                        f"it was made with other options; remove {out} or choose another -o")
 
 
 def save_atomic(img: Image.Image, dest: Path, fmt: str) -> None:

@@ -1,8 +1,9 @@
 """`export()`: a TransferNet to an ONNX training graph with its training metadata.
 
 The graph is the forward pass `data -> logits` (dynamo exporter, opset 18, dynamic batch). The
-backbone is exported in eval mode, so BatchNorm is folded into the convolutions; the head in train
-mode, so its Dropout stays a Dropout node. What makes it a *training* graph is the JSON in the
+backbone is exported in eval mode, so BatchNorm uses its running statistics (convert folds it into
+the convolutions); the head in train mode, so its Dropout stays a Dropout node. The exporter's own
+optimizer is off: it would fold an all-zero bias, such as the default head's, out of the graph. What makes it a *training* graph is the JSON in the
 model's `metadata_props["edgetune"]`: which initializers train, the loss, the optimizer and its
 hyper-parameters, batch size, input and label specs, class names and preprocessing. `edgetune
 convert` reads both and writes the `.tod`.
@@ -126,7 +127,7 @@ def _to_onnx(net: nn.Module, dummy: torch.Tensor) -> Any:
     with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines are not our output
         program = torch.onnx.export(net, (dummy,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     opset_version=18, dynamic_shapes=({0: batch},), verbose=False,
-                                    optimize=False)
+                                    optimize=False)  # its optimizer drops an all-zero (trainable) bias
     return program.model_proto
 
 

@@ -30,10 +30,11 @@ class FeatureCache:
         namespace: hex digest identifying the frozen model and preprocessing (see `namespace_for`).
         directory: a cache root directory; None keeps everything in memory. The namespace becomes
             a subdirectory, so one root can serve many models.
+        width: the feature count, if known: segments with rows of another width are rejected.
     """
 
-    def __init__(self, namespace: str, directory: str | os.PathLike | None = None) -> None:
-        self.namespace = namespace
+    def __init__(self, namespace: str, directory: str | os.PathLike | None = None, width: int | None = None) -> None:
+        self.namespace, self.width = namespace, width
         self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
         self._rows: dict[str, np.ndarray] = {}
         self.rejected: list[str] = []  # segment files ignored because they failed verification
@@ -54,8 +55,8 @@ class FeatureCache:
     def put_many(self, keys: Sequence[str], rows: np.ndarray) -> None:
         """Store rows (one per key, float32); on disk as one new segment written crash-safely."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[0] != len(keys):
-            raise ValueError(f"expected {len(keys)} rows of features, got shape {rows.shape}")
+        if rows.ndim != 2 or rows.shape[0] != len(keys) or (self.width is not None and rows.shape[1] != self.width):
+            raise ValueError(f"expected {len(keys)} rows of {self.width or 'N'} features, got shape {rows.shape}")
         new = [i for i, k in enumerate(keys) if k not in self._rows]
         if not new:
             return
@@ -82,7 +83,7 @@ class FeatureCache:
                 continue
             base = os.path.join(self.directory, name[:-5])
             segment = _verified_segment(base)
-            if segment is None:
+            if segment is None or (self.width is not None and segment[1].shape[1] != self.width):
                 self.rejected.append(base)
                 print(f"feature cache: ignoring damaged segment {base}.json", file=sys.stderr)
                 continue

@@ -86,8 +86,9 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
             raise
         except Image.UnidentifiedImageError as e:
             raise BadImage("not an image") from e
-        except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's truncated/corrupt errors
-            raise BadImage(f"corrupt or truncated ({e})") from e
+        except Exception as e:  # Pillow's decoders raise many types on corrupt data (OSError, SyntaxError,
+            # struct.error, ValueError, ...): each means the same, this file cannot be used
+            raise BadImage(f"corrupt or truncated ({type(e).__name__}: {e})") from e
 
 
 def check_size(size: tuple[int, int]) -> None:

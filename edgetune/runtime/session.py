@@ -43,13 +43,14 @@ class Context:
         cache_dir: keep the cache in memory-mapped files under this directory (large sets, and
             reuse across runs); None keeps it in memory.
         feature_batch: at most this many images go through the frozen graph at once; bounds the
-            activation memory (Lite0 at 32 images needs ~0.5 GB of activations, at 16 half that).
+            activation memory (measured peak RSS of a Lite0 run: 418 MB at 32, 296 MB at 16,
+            228 MB at 8) at no cost in speed. Features do not depend on it (bit-identical).
     """
 
     threads: int = 1
     cache: bool = True
     cache_dir: str | os.PathLike | None = None
-    feature_batch: int = 16
+    feature_batch: int = 8
 
     def __post_init__(self) -> None:
         if int(self.threads) < 1:
@@ -319,8 +320,9 @@ class TrainSession:
             opts.intra_op_num_threads = int(self.ctx.threads)
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            # the converter already optimized the graph; basic rewrites only, to cut start-up
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            # Measured on Lite0 (1 thread): start-up 0.08 s basic vs 0.13 s all, but inference 2x
+            # faster with all (its NCHWc conv layouts): 32 images 2.9 s basic vs 1.1-1.4 s all.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
             self._ort = ort.InferenceSession(self._frozen_blob, opts, providers=["CPUExecutionProvider"])
         return self._ort
@@ -330,7 +332,8 @@ class TrainSession:
         """The feature cache of this model (created on first use)."""
         if self._cache is None:
             ns = namespace_for(self.model_sha256, self.preprocessing, self._frozen_io[1])
-            self._cache = FeatureCache(ns, self.ctx.cache_dir)
+            width = self._meta["frozen"].get("features")
+            self._cache = FeatureCache(ns, self.ctx.cache_dir, width if isinstance(width, int) else None)
         return self._cache
 
     # --- saving -------------------------------------------------------------------------------

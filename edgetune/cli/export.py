@@ -1,0 +1,92 @@
+"""`edgetune export`: build a TransferNet from the backbone registry and export its ONNX training graph.
+
+The seed's `transfer_learning_export.py`. Options shared with `edgetune convert --backbone-onnx`
+(optimizer, classes, batch size, seed) are defined here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from edgetune.convert.spec import OPTIMIZERS, SGD, Adam
+from edgetune.errors import UserError
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Classes, batch size, seed and optimizer options (export and convert --backbone-onnx)."""
+    parser.add_argument("--num-classes", type=int, help="number of classes (default: from --class-names-from)")
+    parser.add_argument("--class-names-from", type=Path, metavar="CLASSES_TXT",
+                        help="the dataset's classes.txt (or its directory): lines `<folder>\\t<name>`")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights (default 0)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="default sgd")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default sgd {SGD.lr}, adam {Adam.lr})")
+    parser.add_argument("--momentum", type=float, default=SGD.momentum, help="sgd")
+    parser.add_argument("--dampening", type=float, default=SGD.dampening, help="sgd")
+    parser.add_argument("--nesterov", action="store_true", help="sgd")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (sgd and adam)")
+    parser.add_argument("--betas", type=float, nargs=2, default=Adam.betas, metavar=("B1", "B2"), help="adam")
+    parser.add_argument("--eps", type=float, default=Adam.eps, help="adam")
+
+
+def optimizer_from(args: argparse.Namespace) -> SGD | Adam:
+    """The optimizer spec the options describe."""
+    if args.optimizer == "adam":
+        return Adam(lr=Adam.lr if args.lr is None else args.lr, betas=tuple(args.betas), eps=args.eps,
+                    weight_decay=args.weight_decay)
+    return SGD(lr=SGD.lr if args.lr is None else args.lr, momentum=args.momentum, dampening=args.dampening,
+               weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
+def class_names_from(args: argparse.Namespace) -> tuple[int, list[str] | None]:
+    """`(num_classes, class names or None)` from --num-classes and --class-names-from, checked against each other."""
+    names = None
+    if args.class_names_from is not None:
+        from edgetune.runtime.dataset import read_class_file
+
+        path = args.class_names_from
+        path = path / "classes.txt" if path.is_dir() else path
+        names = [name for _folder, name in read_class_file(path)]
+    if names is not None and args.num_classes is not None and len(names) != args.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but {args.class_names_from} lists {len(names)} classes")
+    num = len(names) if names is not None else args.num_classes
+    if num is None or num < 1:
+        raise UserError("give --num-classes N (>= 1) or --class-names-from DIR/classes.txt")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return num, names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="efficientnet-lite0",
+                        help="a registered backbone: efficientnet-lite0 (default), efficientnet-lite0-features, "
+                             "efficientnet-b0")
+    parser.add_argument("--weights", type=Path, metavar="FILE", help="backbone weights (a PyTorch state dict file)")
+    parser.add_argument("--head-hidden", type=int, metavar="N", help="add a hidden Dense(N) + ReLU layer to the head")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer (with --head-hidden)")
+    add_training_arguments(parser)
+    parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
+                        help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
+
+
+def run(args: argparse.Namespace) -> int:
+    num_classes, names = class_names_from(args)
+    optimizer = optimizer_from(args)
+    optimizer.to_meta()  # reject bad settings before the slow part
+    if args.head_hidden is not None and args.head_hidden < 1:
+        raise UserError(f"--head-hidden must be >= 1, got {args.head_hidden}")
+    if args.dropout and (args.head_hidden is None or not 0 <= args.dropout < 1):
+        raise UserError("--dropout needs --head-hidden and a value in [0, 1)")
+    from edgetune.host import TransferNet, create_backbone, default_head, export
+
+    backbone, info = create_backbone(args.backbone, args.weights)
+    head = default_head(info.features, num_classes, seed=args.seed, hidden=args.head_hidden, dropout=args.dropout)
+    net = TransferNet(backbone, head)
+    path = export(net, net.head.parameters(), optimizer=optimizer, batch_size=args.batch_size, class_names=names,
+                  path=args.output)
+    weights = sum(p.numel() for p in head.parameters())
+    print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, {weights} trainable weights, "
+          f"{args.optimizer}, batch {args.batch_size})")
+    return 0

@@ -1,0 +1,107 @@
+"""FeatureCache: memory and disk, crash safety (torn or corrupt segments are never used), staleness."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from edgetune.runtime import Context, FeatureCache, TrainSession
+from edgetune.runtime.cache import content_keys, namespace_for
+
+
+def rows(n: int, f: int = 5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, f)).astype(np.float32)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_put_and_get(tmp_path, on_disk: bool) -> None:
+    cache = FeatureCache("ns", tmp_path if on_disk else None)
+    data = rows(4)
+    cache.put_many(["a", "b", "c", "d"], data)
+    cache.put_many(["a", "e"], rows(2, seed=1))  # "a" is kept, not overwritten
+    got = cache.get_many(["d", "zz", "a", "e"])
+    np.testing.assert_array_equal(got[0], data[3])
+    assert got[1] is None and len(cache) == 5 and "e" in cache
+    np.testing.assert_array_equal(got[2], data[0])
+
+
+def test_disk_cache_survives_a_restart_memory_mapped(tmp_path) -> None:
+    data = rows(6)
+    FeatureCache("ns", tmp_path).put_many(list("abcdef"), data)
+    again = FeatureCache("ns", tmp_path)
+    got = again.get_many(list("fedcba"))
+    assert isinstance(got[0].base, np.memmap) or isinstance(got[0], np.memmap)
+    np.testing.assert_array_equal(np.stack(got), data[::-1])
+    assert len(FeatureCache("other", tmp_path)) == 0  # another namespace sees nothing
+
+
+def _segment(tmp_path) -> str:
+    (seg,) = [f for f in os.listdir(tmp_path / "ns") if f.endswith(".json")]
+    return str(tmp_path / "ns" / seg[:-5])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_index", "bad_index", "no_data", "wrong_shape"])
+def test_damaged_segments_are_never_used(tmp_path, damage: str, capsys) -> None:
+    FeatureCache("ns", tmp_path).put_many(["a", "b"], rows(2))
+    base = _segment(tmp_path)
+    if damage == "truncate":  # a torn data file
+        with open(base + ".f32", "r+b") as f:
+            f.truncate(12)
+    elif damage == "flip":  # same size, wrong bytes
+        raw = bytearray(open(base + ".f32", "rb").read())
+        raw[5] ^= 1
+        open(base + ".f32", "wb").write(raw)
+    elif damage == "no_index":  # crash between data and index
+        os.unlink(base + ".json")
+    elif damage == "bad_index":
+        open(base + ".json", "w").write('{"keys": ["a", ')
+    elif damage == "no_data":
+        os.unlink(base + ".f32")
+    elif damage == "wrong_shape":
+        index = json.load(open(base + ".json"))
+        index["shape"] = [1, 10]
+        index["keys"] = ["a"]
+        json.dump(index, open(base + ".json", "w"))
+    cache = FeatureCache("ns", tmp_path, width=5)
+    assert cache.get_many(["a", "b"]) == [None, None]
+    if damage != "no_index":
+        assert cache.rejected == [base] and "ignoring damaged segment" in capsys.readouterr().err
+
+
+def test_keys_and_namespace() -> None:
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    x[1, 0, 0, 0] = 1
+    k = content_keys(x)
+    assert k[0] != k[1] and k == content_keys(x.copy())
+    assert content_keys(x[:1]) != content_keys(x[:1].reshape(1, 3, 2, 8))
+    pre = {"mean": [127.0] * 3}
+    assert namespace_for("aa", pre, "features") != namespace_for("ab", pre, "features")
+    assert namespace_for("aa", pre, "features") != namespace_for("aa", {"mean": [0.0] * 3}, "features")
+
+
+def test_session_reuses_a_disk_cache_and_never_a_stale_one(tiny_tod, tmp_path, monkeypatch) -> None:
+    x = np.random.default_rng(0).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    ctx = Context(cache_dir=tmp_path)
+    first = TrainSession.create(tiny_tod(seed=0), ctx)
+    feats = first.extract_features(x, keys=list("abcde"))
+
+    again = TrainSession.create(tiny_tod(seed=0), ctx)  # same frozen graph: no backbone run at all
+    monkeypatch.setattr(again, "_run_frozen", lambda data: pytest.fail("cache miss"))
+    np.testing.assert_array_equal(again.extract_features(x, keys=list("abcde")), feats)
+
+    other = TrainSession.create(tiny_tod(seed=1), ctx)  # different frozen weights, same sample keys
+    assert other.model_sha256 != first.model_sha256
+    fresh = other.extract_features(x, keys=list("abcde"))
+    np.testing.assert_array_equal(fresh, TrainSession.create(tiny_tod(seed=1), Context(cache=False)).extract_features(x))
+    assert not np.allclose(fresh, feats)
+
+
+def test_cache_off_stores_nothing(tiny_tod) -> None:
+    sess = TrainSession.create(tiny_tod(), Context(cache=False))
+    x = np.ones((3, 3, 8, 8), np.float32)
+    a = sess.extract_features(x)
+    assert sess._cache is None
+    np.testing.assert_array_equal(a, TrainSession.create(tiny_tod()).extract_features(x))
