@@ -89,3 +89,19 @@ def x86_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("wheels-x86")
     bundle.download_device_wheels("x86", d)
     return d
+
+
+@pytest.fixture(scope="session")
+def mini_fashion_dir(fashion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 10 images of each Fashion-MNIST class (100 in all: 60 train, 20 test, 20 validation).
+
+    Small enough that a test extracts its features in seconds; same classes.txt as `fashion_dir`.
+    """
+    out = tmp_path_factory.mktemp("mini-fashion")
+    shutil.copy(Path(fashion_dir) / "classes.txt", out / "classes.txt")
+    for line in (Path(fashion_dir) / "classes.txt").read_text(encoding="utf-8").splitlines():
+        folder = line.split("\t")[0]
+        (out / folder).mkdir()
+        for f in sorted((Path(fashion_dir) / folder).iterdir())[:10]:
+            shutil.copy(f, out / folder / f.name)
+    return out

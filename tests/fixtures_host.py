@@ -24,7 +24,7 @@ def lite0_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_tod(lite0_onnx: Path) -> Path:
-    """`lite0_onnx` converted to a `.tod` (a fresh model: optimizer state zero, step 0)."""
+    """`lite0_onnx` converted to a `.tod` (fresh: optimizer state zero, step 0). Read-only: copy it to change it."""
     from edgetune.convert import convert
 
     return Path(convert(lite0_onnx, lite0_onnx.with_suffix("")))

@@ -22,6 +22,7 @@ def test_put_and_get(tmp_path, on_disk: bool) -> None:
     data = rows(4)
     cache.put_many(["a", "b", "c", "d"], data)
     cache.put_many(["a", "e"], rows(2, seed=1))  # "a" is kept, not overwritten
+    cache.flush()
     got = cache.get_many(["d", "zz", "a", "e"])
     np.testing.assert_array_equal(got[0], data[3])
     assert got[1] is None and len(cache) == 5 and "e" in cache
@@ -30,7 +31,9 @@ def test_put_and_get(tmp_path, on_disk: bool) -> None:
 
 def test_disk_cache_survives_a_restart_memory_mapped(tmp_path) -> None:
     data = rows(6)
-    FeatureCache("ns", tmp_path).put_many(list("abcdef"), data)
+    cache = FeatureCache("ns", tmp_path)
+    cache.put_many(list("abcdef"), data)
+    cache.flush()
     again = FeatureCache("ns", tmp_path)
     got = again.get_many(list("fedcba"))
     assert isinstance(got[0].base, np.memmap) or isinstance(got[0], np.memmap)
@@ -45,7 +48,7 @@ def _segment(tmp_path) -> str:
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_index", "bad_index", "no_data", "wrong_shape"])
 def test_damaged_segments_are_never_used(tmp_path, damage: str, capsys) -> None:
-    FeatureCache("ns", tmp_path).put_many(["a", "b"], rows(2))
+    FeatureCache("ns", tmp_path, segment_rows=2).put_many(["a", "b"], rows(2))
     base = _segment(tmp_path)
     if damage == "truncate":  # a torn data file
         with open(base + ".f32", "r+b") as f:
@@ -71,6 +74,31 @@ def test_damaged_segments_are_never_used(tmp_path, damage: str, capsys) -> None:
         assert cache.rejected == [base] and "ignoring damaged segment" in capsys.readouterr().err
 
 
+def test_rows_are_buffered_into_segments(tmp_path) -> None:
+    cache = FeatureCache("ns", tmp_path, segment_rows=4)
+    data = rows(7)
+    for i in range(7):
+        cache.put_many([str(i)], data[i:i + 1])
+    assert len([f for f in os.listdir(tmp_path / "ns") if f.endswith(".json")]) == 1  # 4 rows written, 3 buffered
+    crashed = FeatureCache("ns", tmp_path)  # a process dying now loses only the buffer
+    assert [r is not None for r in crashed.get_many([str(i) for i in range(7)])] == [True] * 4 + [False] * 3
+    cache.flush()
+    np.testing.assert_array_equal(np.stack(FeatureCache("ns", tmp_path).get_many([str(i) for i in range(7)])), data)
+
+
+def test_trainer_fills_a_disk_cache_that_the_next_run_reuses(tiny_tod, tiny_split, tmp_path) -> None:
+    from edgetune.runtime import Trainer
+
+    path, ctx = tiny_tod(), Context(cache_dir=tmp_path)
+    split = tiny_split(30)
+    feats = Trainer(TrainSession.create(path, ctx), split).features(split)
+    assert split.decoded == 30
+    again = Trainer(TrainSession.create(path, ctx), split)
+    np.testing.assert_array_equal(again.features(split), feats)
+    again.fit(5)
+    assert split.decoded == 30  # the second run decoded no image at all
+
+
 def test_keys_and_namespace() -> None:
     x = np.zeros((2, 3, 4, 4), np.float32)
     x[1, 0, 0, 0] = 1
@@ -87,6 +115,7 @@ def test_session_reuses_a_disk_cache_and_never_a_stale_one(tiny_tod, tmp_path, m
     ctx = Context(cache_dir=tmp_path)
     first = TrainSession.create(tiny_tod(seed=0), ctx)
     feats = first.extract_features(x, keys=list("abcde"))
+    first.feature_cache.flush()
 
     again = TrainSession.create(tiny_tod(seed=0), ctx)  # same frozen graph: no backbone run at all
     monkeypatch.setattr(again, "_run_frozen", lambda data: pytest.fail("cache miss"))

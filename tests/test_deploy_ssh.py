@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgetune.cli.prepare_and_run import STAGES
 from edgetune.deploy import bundle, package, transport
 from edgetune.errors import UserError
 
@@ -138,3 +139,32 @@ def test_prepare_and_run_transport_errors_exit_2_before_building(tmp_path: Path,
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgetune prepare-and-run: error: "), done.stderr
     assert os.listdir(tmp_path) == []  # nothing built
+
+
+@pytest.mark.slow
+def test_prepare_and_run_deploys_and_runs_over_real_ssh(ssh_server, tmp_path: Path, lite0_tod: Path,
+                                                        mini_fashion_dir: Path, x86_wheels: Path) -> None:
+    """The x86 package copied through sshd into an awkward folder; the three scripts run there."""
+    local, remote = tmp_path / "local", tmp_path / AWKWARD
+    local.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "edgetune.cli.main", "prepare-and-run", "-D", os.fspath(mini_fashion_dir),
+         "--model", os.fspath(lite0_tod), "--wheels-from", os.fspath(x86_wheels), "--via", "ssh",
+         "--host", ssh_server.host, "--ssh-config", os.fspath(ssh_server.config), "--remote-dir", os.fspath(remote),
+         "--train-args", "-c 40 --lr 0.01 -s 20 --target-accuracy 1.01"],
+        cwd=local, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    assert out[:3] == [f"package: {local / 'package-x86'}", "=======Pushing to device=======",
+                       f"package on the device: {ssh_server.host}:{remote / 'package-x86'}"]
+    assert [ln for ln in out if ln.startswith("==") and ln.endswith("=")][1:] == [h for _, h in STAGES]
+    steps = [ln for ln in out if re.match(r"^\d+: Loss is ", ln)]
+    assert [int(ln.split(":")[0]) for ln in steps] == list(range(1, 41))
+    validation = [float(ln.rsplit("= ", 1)[1]) for ln in out if ln.startswith("accuracy on validation data = ")]
+    assert len(validation) == 3 and validation[1] == validation[2]
+    model = remote / "package-x86" / "model"
+    stem = lite0_tod.stem
+    assert sorted(os.listdir(model)) == sorted(f"{stem}{s}.tod" for s in ("", "_trained", "_trained_20", "_trained_40"))
+    assert (remote / "package-x86" / ".venv" / "bin" / "net_runner").exists()
+    assert os.listdir(local) == ["package-x86"] and not (local / "package-x86" / ".venv").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["local", AWKWARD])

@@ -313,3 +313,24 @@ def test_audit_hook_catches_a_write(tmp_path: os.PathLike) -> None:
     finally:
         _watch["on"] = False
     assert [e for e, _ in _watch["seen"]] == ["open"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "fifo", "empty"])
+def test_net_runner_on_a_damaged_model_is_one_clear_line(damage: str, tmp_path: os.PathLike) -> None:
+    """The user-facing end: a damaged model gives exit 2 and one `net_runner: error:` line naming it."""
+    from tests.fixtures_runtime import tiny_model
+
+    path = os.path.join(tmp_path, "model.tod")
+    data = tod_format.save(tiny_model())
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as f:
+            f.write({"truncated": data[:len(data) // 2], "empty": b"",
+                     "bit flip": data[:-9] + bytes([data[-9] ^ 4]) + data[-8:]}[damage])
+    os.mkdir(os.path.join(tmp_path, "data"))
+    done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", path, "-d",
+                           os.path.join(tmp_path, "data"), "-c", "1"], capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("net_runner: error: ") and path in lines[0]

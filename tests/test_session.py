@@ -165,6 +165,20 @@ def test_damaged_or_incomplete_models_raise_tod_errors(tiny_tod, tmp_path) -> No
         TrainSession.create(tod_format.save_file(tod, tmp_path / "nohead.tod"))
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.meta.update(num_classes=4), "num_classes=4"),
+    (lambda t: t.meta["frozen"].update(features=9), "9 frozen features"),
+    (lambda t: t.meta["frozen"].update(output="feats"), "no input 'data' / output 'feats'"),
+    (lambda t: t.blobs.update({"frozen.onnx": b"not onnx"}), "onnxruntime cannot load the frozen graph"),
+    (lambda t: t.meta["optimizer"].update(name="lamb"), "unknown optimizer 'lamb'"),
+])
+def test_inconsistent_models_are_rejected_at_load(tiny_tod, tmp_path, edit, message: str) -> None:
+    tod = tod_format.load_file(tiny_tod(head="dense"))
+    edit(tod)
+    with pytest.raises(tod_format.TodError, match=message):
+        TrainSession.create(tod_format.save_file(tod, tmp_path / "bad.tod"))
+
+
 @pytest.mark.parametrize("head", ["mlp", "nobias"])
 def test_export_inference_runs_with_numpy_and_onnxruntime_only(tiny_tod, tmp_path, head: str) -> None:
     sess = TrainSession.create(tiny_tod(head=head))
@@ -202,8 +216,32 @@ def test_runtime_never_imports_torch_or_onnx() -> None:
 def test_threads_come_from_the_context(tiny_tod) -> None:
     sess = TrainSession.create(tiny_tod(), Context(threads=2, cache=False))
     sess.extract_features(batch()[0])
-    opts = sess._ort_session().get_session_options()
+    opts = sess._ort.get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
     with pytest.raises(UserError, match="threads"):
         Context(threads=0)
     assert TINY_FEATURES == sess.extract_features(batch()[0]).shape[1]
+
+
+def test_lite0_cache_is_exact_and_export_matches(lite0_tod, tmp_path) -> None:
+    """On the real backbone: cached features (computed in other batches) equal uncached ones bit for
+    bit, and the exported classifier reproduces the session's eval logits in a fresh process."""
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 3, 224, 224)).astype(np.float32)
+    y = np.arange(6) % 10
+    plain = TrainSession.create(lite0_tod, Context(cache=False))
+    cached = TrainSession.create(lite0_tod, Context(cache=True, feature_batch=4))
+    cached.extract_features(x[::-1].copy(), keys=[str(i) for i in range(5, -1, -1)])  # fill in another order
+    losses = [plain.run_graph(x, y)["loss"] for _ in range(3)]
+    losses_cached = [cached.run_head(cached.extract_features(x, keys=[str(i) for i in range(6)]), y)["loss"]
+                     for _ in range(3)]
+    assert losses == losses_cached
+
+    expected = plain.eval().run_graph(x)["logits"]
+    onnx_path = plain.export_inference(tmp_path / "lite0_classifier.onnx")
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              f"s = ort.InferenceSession({str(onnx_path)!r}, providers=['CPUExecutionProvider'])\n"
+              f"np.save({str(tmp_path / 'y.npy')!r}, s.run(['logits'], {{'data': np.load({str(tmp_path / 'x.npy')!r})}})[0])\n"
+              "assert not any(m.split('.')[0] in ('torch', 'onnx', 'edgetune') for m in sys.modules)\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)

@@ -128,9 +128,9 @@ def test_target_accuracy_stops_training(tiny_tod, tiny_split) -> None:
 def test_features_stream_in_batches(tiny_tod, tiny_split) -> None:
     split = RecordingSplit(tiny_split(150))
     progress = []
-    sess = TrainSession.create(tiny_tod(), Context(cache=False))
+    sess = TrainSession.create(tiny_tod(), Context(cache=False, feature_batch=5))
     feats = Trainer(sess, split, progress=lambda *a: progress.append(a)).features(split)
-    assert feats.shape == (150, 8) and max(len(c) for c in split.calls) == 64
+    assert feats.shape == (150, 8) and max(len(c) for c in split.calls) == 5 and sum(map(len, split.calls)) == 150
     np.testing.assert_array_equal(feats, sess.extract_features(split.split.images(range(150))))
     assert progress[-1] == ("features train", 150, 150)
 

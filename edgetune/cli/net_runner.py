@@ -10,7 +10,6 @@ Device side: numpy, onnxruntime and Pillow only (matplotlib just for `--plot`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -129,8 +128,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--test-every must be >= 1")
     if args.threads < 1:
         raise UserError("--threads must be >= 1")
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    if args.plot is not None:
+        _matplotlib()  # fail before training, not after
 
 
 def _sample_bytes(session) -> int:
@@ -187,6 +186,18 @@ class History(Callback):
                              "accuracy": float(accuracy)})
 
 
+def _matplotlib():
+    """matplotlib's pyplot on the Agg backend (no display); a UserError when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed here (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The records of a `--log` JSONL file (to plot a run made where matplotlib is missing)."""
     with open(path, encoding="utf-8") as f:
@@ -199,12 +210,7 @@ def save_plot(records: Sequence[dict], path: str | os.PathLike) -> str:
     Returns:
         The path written.
     """
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UserError("plotting needs matplotlib, which is not installed (pip install matplotlib)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = _matplotlib()
 
     steps = [(r["step"], r["loss"]) for r in records if r.get("event") == "step"]
     evals = [(r["step"], r["accuracy"]) for r in records if r.get("event") == "evaluate" and r.get("split") == "test"]

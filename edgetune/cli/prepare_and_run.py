@@ -51,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--backbone", default="efficientnet-lite0")
     export.add_argument("--batch-size", type=int, default=32)
     export.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    export.add_argument("--lr", type=float, default=0.0015, help="learning rate stored in the model (default 0.0015)")
-    export.add_argument("--momentum", type=float, default=0.9)
-    export.add_argument("--dampening", type=float, default=0.01)
+    export.add_argument("--lr", type=float, help="learning rate stored in the model (default sgd 0.0015, adam 0.001)")
+    export.add_argument("--momentum", type=float, help="sgd (default 0.9)")
+    export.add_argument("--dampening", type=float, help="sgd (default 0.01)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights (default 0)")
     parser.add_argument("--train-args", default=" ".join(DEMO_TRAIN_ARGS),
                         help=f"net_runner options for train.sh (default {' '.join(DEMO_TRAIN_ARGS)!r})")
 
@@ -136,8 +137,10 @@ def _export_and_convert(args: argparse.Namespace, dataset: Path, stage: Path) ->
     onnx_path = stage / f"{MODEL_NAME}.onnx"
     export = ["export", "--backbone", args.backbone, "--num-classes", str(len(read_class_file(classes))),
               "--class-names-from", str(classes), "--batch-size", str(args.batch_size),
-              "--optimizer", args.optimizer, "--lr", str(args.lr), "--momentum", str(args.momentum),
-              "--dampening", str(args.dampening), "-o", str(onnx_path)]
+              "--optimizer", args.optimizer, "--seed", str(args.seed), "-o", str(onnx_path)]
+    for name in ("lr", "momentum", "dampening"):
+        if getattr(args, name) is not None:
+            export += [f"--{name}", str(getattr(args, name))]
     convert = ["convert", "--model", str(onnx_path), "--output", str(stage / MODEL_NAME)]
     for argv in (export, convert):
         print(f"== edgetune {argv[0]}", file=sys.stderr, flush=True)

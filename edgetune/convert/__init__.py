@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"convert": "converter", "convert_backbone": "converter", "tod_path": "converter", "SGD": "spec", "Adam": "spec"}
+_EXPORTS = {"convert": "converter", "convert_backbone": "converter", "tod_path": "converter",
+            "SGD": "spec", "Adam": "spec"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -19,12 +19,12 @@ import onnx
 
 from edgetune import __version__
 from edgetune.convert import frozen
-from edgetune.convert.spec import SGD, Adam, check_loss, optimizer_slots, preprocessing as preset
+from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss, optimizer_slots
+from edgetune.convert.spec import preprocessing as preset
 from edgetune.convert.split import split_head
 from edgetune.errors import UserError
 from edgetune.runtime.format import TodFile, save_file
 
-METADATA_KEY = "edgetune"
 FROZEN_BLOB = "frozen.onnx"
 
 
@@ -158,7 +158,8 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
         "created_by": f"edgetune {__version__}",
         **{k: info[k] for k in ("backbone", "num_classes", "class_names", "batch_size", "input", "label",
                                 "preprocessing", "trainable", "loss", "optimizer")},
-        "frozen": {"blob": FROZEN_BLOB, "input": info["input"]["name"], "output": frozen.FEATURES, "features": features},
+        "frozen": {"blob": FROZEN_BLOB, "input": info["input"]["name"], "output": frozen.FEATURES,
+                   "features": features},
         "head": layers,
         "optimizer_step": 0,
         "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,

@@ -6,7 +6,7 @@ trainable initializer is folded away), then onnxruntime's *basic* level is appli
 (standard-op fusions, redundant-node removal): its output uses only standard ONNX ops, so it stays
 portable across CPUs and onnxruntime builds; the extended and layout levels would bake in contrib
 ops and the host CPU's memory layout. The IR version is lowered to 8 (the one that
-goes with opset 18) so onnxruntime 1.17 can load it.
+goes with opset 18) and only the used opset domains are kept, so onnxruntime 1.17 loads it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ def optimize(model: onnx.ModelProto) -> bytes:
             raise UserError(f"onnxruntime cannot load the frozen part: {e}") from None
         optimized = onnx.load(opts.optimized_model_filepath)
     optimized.ir_version = min(optimized.ir_version, IR_VERSION)
+    # onnxruntime stamps every domain it knows (e.g. ai.onnx.ml 5), which older releases refuse: keep the used ones
+    used = {node.domain or "" for node in optimized.graph.node} | {""}
+    kept = [o for o in optimized.opset_import if (o.domain or "") in used]
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(kept)
     del optimized.metadata_props[:]
     optimized.producer_name, optimized.producer_version = "edgetune", ""
     return optimized.SerializeToString()

@@ -13,6 +13,7 @@ from typing import Any
 from edgetune.errors import UserError
 
 LOSSES = ("softmax_cross_entropy",)
+METADATA_KEY = "edgetune"  # the training graph's metadata_props key holding its JSON metadata
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -105,7 +105,8 @@ class _Translator:
                 raise UserError(f"unsupported op {node.op_type} in the trainable part (node {node.name!r}); "
                                 f"supported: {', '.join(SUPPORTED)}")
             ins = [x for x in node.input if x in self.data]
-            if ins != [current] or self.g.consumers.get(current, 0) != 1:
+            branches = current != self.head.boundary and self.g.consumers.get(current, 0) != 1
+            if ins != [current] or branches:
                 raise UserError(f"the trainable part must be a chain of layers; node {node.name!r} "
                                 f"({node.op_type}) reads {ins}, expected only {current!r}")
             if any(self.g.consumers.get(o, 0) for o in node.output[1:]):
@@ -168,7 +169,8 @@ class _Translator:
         ratio = self.g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(0.5)
         if ratio is None:
             raise UserError(f"node {node.name!r} (Dropout): the ratio must be a constant")
-        self.head.layers.append({"op": "dropout", "p": float(ratio)})
+        p = float(str(np.float32(ratio)))  # the shortest decimal of the float32: 0.2, not 0.20000000298
+        self.head.layers.append({"op": "dropout", "p": p})
         return 1
 
     def _op_Flatten(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:

@@ -7,7 +7,10 @@ only ever read with `torch.load(weights_only=True)`: a weights file cannot run c
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import sys
 import tempfile
 import urllib.error
@@ -95,24 +98,35 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
 def download(url: str, cache_dir: str | os.PathLike) -> str:
     """Fetch `url` into `cache_dir` once (atomic rename), and return the cached path.
 
+    A file named `<name>-<hex>.pth` (the torch hub convention) must have a SHA-256 starting with `<hex>`.
+
     Raises:
-        UserError: the network cannot be reached; the message says to pass `--weights FILE`.
+        UserError: the network cannot be reached (the message says to pass `--weights FILE`), or the
+            download does not match its hash.
     """
     target = Path(cache_dir) / url.rsplit("/", 1)[-1]
     if target.is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} to {target}", file=sys.stderr)
+    want = re.search(r"-([0-9a-f]{8,})\.", target.name)
+    digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
+                digest.update(chunk)
+        if want and not digest.hexdigest().startswith(want.group(1)):
+            raise UserError(f"{url}: downloaded bytes do not match the hash {want.group(1)} in the file name")
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
-        os.unlink(tmp)
-        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it on a machine "
+        why = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise UserError(f"cannot download {url} ({why}); download it on a machine "
                         f"with network access and pass --weights FILE") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return str(target)
 
 

@@ -3,10 +3,11 @@
 The graph is the forward pass `data -> logits` (dynamo exporter, opset 18, dynamic batch). The
 backbone is exported in eval mode, so BatchNorm uses its running statistics (convert folds it into
 the convolutions); the head in train mode, so its Dropout stays a Dropout node. The exporter's own
-optimizer is off: it would fold an all-zero bias, such as the default head's, out of the graph. What makes it a *training* graph is the JSON in the
-model's `metadata_props["edgetune"]`: which initializers train, the loss, the optimizer and its
-hyper-parameters, batch size, input and label specs, class names and preprocessing. `edgetune
-convert` reads both and writes the `.tod`.
+optimizer is off: it would fold an all-zero bias, such as the default head's, out of the graph.
+
+What makes it a *training* graph is the JSON in the model's `metadata_props["edgetune"]`: which
+initializers train, the loss, the optimizer and its hyper-parameters, batch size, input and label
+specs, class names and preprocessing. `edgetune convert` reads both and writes the `.tod`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import torch
 from torch import nn
 
 from edgetune import __version__
-from edgetune.convert.spec import SGD, Adam, check_loss
+from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss
 from edgetune.errors import UserError
 from edgetune.host.net import TransferNet
 
-METADATA_KEY = "edgetune"
 INPUT_NAME, OUTPUT_NAME, LABEL_NAME = "data", "logits", "label"
 
 

@@ -64,9 +64,6 @@ class Optimizer:
         """Every slot as `optim/<param>/<slot>` tensors, for saving."""
         return {f"optim/{name}/{s}": v for name, slots in self.state.items() for s, v in slots.items()}
 
-    def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
 
 class SGD(Optimizer):
     """`torch.optim.SGD`: weight decay, momentum with dampening, Nesterov; buffer = grad on the first step."""
@@ -93,9 +90,6 @@ class SGD(Optimizer):
             d_p = d_p + self.momentum * buf if self.nesterov else buf
         p.data -= self.lr * d_p
 
-    def config(self) -> dict[str, Any]:
-        return {"name": "sgd", "lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
-                "weight_decay": self.weight_decay, "nesterov": self.nesterov}
 
 
 class Adam(Optimizer):
@@ -120,9 +114,6 @@ class Adam(Optimizer):
         denom = np.sqrt(v) / math.sqrt(1 - self.beta2 ** t) + self.eps
         p.data -= step_size * (m / denom)
 
-    def config(self) -> dict[str, Any]:
-        return {"name": "adam", "lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
-                "weight_decay": self.weight_decay}
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam}

@@ -115,6 +115,7 @@ class Trainer:
                     self.stop = True
             if self.stop:
                 break
+        self._flush_cache()
         self._call("on_train_end", self)
         return self
 
@@ -155,11 +156,18 @@ class Trainer:
         finally:
             if was_training:
                 self.session.train()
+        self._flush_cache()
         return correct / len(split)
 
     def features(self, split: Split) -> np.ndarray:
         """All frozen features of a split, (N, F), computed in streaming batches through the cache."""
-        return np.concatenate([self._features(split, idx) for idx in self._chunks(split, "features")])
+        out = np.concatenate([self._features(split, idx) for idx in self._chunks(split, "features")])
+        self._flush_cache()
+        return out
+
+    def _flush_cache(self) -> None:
+        if self.session.ctx.cache:
+            self.session.feature_cache.flush()
 
     def _chunks(self, split: Split, what: str, size: int = 64):
         n = len(split)
@@ -169,16 +177,19 @@ class Trainer:
                 self.progress(f"{what} {getattr(split, 'name', '')}".strip(), min(start + size, n), n)
 
     def _features(self, split: Split, idx: np.ndarray) -> np.ndarray:
-        """Features of `split[idx]`; with the cache on, only the uncached images are decoded."""
+        """Features of `split[idx]`; images are decoded `feature_batch` at a time, and with the cache
+        on only those not cached yet (after the first epoch, none)."""
         sess = self.session
-        if not sess.ctx.cache:
-            return sess.extract_features(split.images(idx))
-        keys = [split.keys[i] for i in idx]
-        rows = sess.feature_cache.get_many(keys)
+        cache = sess.feature_cache if sess.ctx.cache else None
+        keys = [split.keys[i] for i in idx] if cache is not None else None
+        rows = cache.get_many(keys) if cache is not None else [None] * len(idx)
         missing = [j for j, r in enumerate(rows) if r is None]
-        if missing:
-            fresh = sess.extract_features(split.images(idx[missing]), keys=[keys[j] for j in missing])
-            for k, j in enumerate(missing):
+        step = sess.ctx.feature_batch
+        for start in range(0, len(missing), step):
+            part = missing[start:start + step]
+            images = split.images(idx[part])
+            fresh = sess.extract_features(images, keys=None if keys is None else [keys[j] for j in part])
+            for k, j in enumerate(part):
                 rows[j] = fresh[k]
         return np.stack(rows).astype(np.float32, copy=False)
 

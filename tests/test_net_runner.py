@@ -1,0 +1,200 @@
+"""net_runner end to end on a real Lite0 .tod and 100 Fashion-MNIST images: the seed's output format,
+early stop, checkpoints, `-c 0`, resume, the log and plot, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgetune.cli import net_runner
+
+G = r"(?:-?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]\d\d+)?|-?inf|nan)"  # C++ iostream default (%g)
+LOSS = re.compile(rf"^(\d+): Loss is ({G}) \[min=({G})\]$")
+TEST = re.compile(rf"^accuracy on test data = ({G}) max accuracy = ({G})$")
+VALIDATION = re.compile(rf"^accuracy on validation data = ({G})$")
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory: pytest.TempPathFactory, lite0_tod: Path, mini_fashion_dir: Path) -> Path:
+    """A feature cache of the mini dataset, filled once: later runs only train the head."""
+    cache = tmp_path_factory.mktemp("features")
+    assert net_runner.main(["-f", os.fspath(lite0_tod), "-d", os.fspath(mini_fashion_dir), "-c", "0",
+                            "-q", "--cache-dir", os.fspath(cache)]) == 0
+    return cache
+
+
+@pytest.fixture
+def model(tmp_path: Path, lite0_tod: Path) -> Path:
+    """A private copy of the fresh model: checkpoints land next to it."""
+    return Path(shutil.copy(lite0_tod, tmp_path / "transfer_learning_tod.tod"))
+
+
+def run(capsys, model: Path, data: Path, cache: Path, *options: str) -> list[str]:
+    """net_runner in-process; returns its stdout lines (exit status must be 0)."""
+    capsys.readouterr()
+    assert net_runner.main(["-f", os.fspath(model), "-d", os.fspath(data), "--cache-dir", os.fspath(cache),
+                            *options]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def sig_digits(number: str) -> int:
+    mantissa = number.split("e")[0].lstrip("-").replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+def test_output_format_every_line(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "45", "--target-accuracy", "1.01")
+    steps, min_loss = 0, math.inf
+    for i, line in enumerate(lines[:-1]):
+        if m := LOSS.match(line):
+            steps += 1
+            assert int(m[1]) == steps
+            loss, shown_min = float(m[2]), float(m[3])
+            min_loss = min(min_loss, loss)
+            assert shown_min == float(f"{min_loss:g}")
+            assert sig_digits(m[2]) <= 6 and sig_digits(m[3]) <= 6
+        else:
+            m = TEST.match(line)
+            assert m, f"line {i}: {line!r}"
+            assert steps % 20 == 0 and LOSS.match(lines[i - 1])  # right after steps 20, 40
+            assert 0 <= float(m[1]) <= float(m[2]) <= 1
+    assert steps == 45
+    assert sum(bool(TEST.match(ln)) for ln in lines) == 2
+    m = VALIDATION.match(lines[-1])
+    assert m and 0 <= float(m[1]) <= 1
+    assert {p.name for p in model.parent.iterdir()} == {model.name, "transfer_learning_tod_trained.tod"}
+
+
+def test_training_beats_chance_on_the_mini_set(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    """100 steps at lr 0.01 over 60 images lift validation from chance to 0.7-0.8 (seeds 0-3, measured)."""
+    before = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "0")
+    after = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "100", "--lr", "0.01", "-q",
+                "--target-accuracy", "1.01")
+    untrained = float(VALIDATION.match(before[-1])[1])
+    trained = float(VALIDATION.match(after[-1])[1])
+    assert untrained <= 0.4  # 0.3 for the seed-0 head on these 20 images
+    assert trained >= 0.6 and trained - untrained >= 0.3
+
+
+def test_c0_prints_only_the_validation_line_and_saves_nothing(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "0", "-s", "1")
+    assert len(lines) == 1 and VALIDATION.match(lines[0])
+    assert [p.name for p in model.parent.iterdir()] == [model.name]
+
+
+def test_e_is_the_cycles_flag_too(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-e", "3", "-q")
+    assert lines == [lines[-1]] and VALIDATION.match(lines[-1])  # quiet: no loss lines
+    assert (model.parent / "transfer_learning_tod_trained.tod").is_file()
+
+
+def test_early_stop_at_the_first_evaluation(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "100", "--test-every", "5",
+                "--target-accuracy", "0.0")
+    assert [bool(LOSS.match(ln)) for ln in lines] == [True] * 5 + [False, False]
+    assert TEST.match(lines[5]) and VALIDATION.match(lines[6])
+
+
+def test_checkpoint_names_and_steps(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    from edgetune.runtime import TrainSession
+
+    run(capsys, model, mini_fashion_dir, feature_cache, "-c", "10", "-s", "4", "-q")
+    names = {p.name for p in model.parent.iterdir()}
+    assert names == {model.name, "transfer_learning_tod_trained_4.tod", "transfer_learning_tod_trained_8.tod",
+                     "transfer_learning_tod_trained.tod"}
+    for name, step in (("_trained_4", 4), ("_trained_8", 8), ("_trained", 10)):
+        assert TrainSession.create(model.parent / f"transfer_learning_tod{name}.tod").step == step
+
+
+def test_resume_from_a_checkpoint_continues_bit_identically(capsys, model, mini_fashion_dir, feature_cache,
+                                                             tmp_path) -> None:
+    whole = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "40", "-s", "20", "--seed", "7",
+                "--target-accuracy", "1.01")
+    first = model.parent / "transfer_learning_tod_trained_20.tod"
+    resumed = run(capsys, first, mini_fashion_dir, feature_cache, "-c", "20", "--seed", "99",
+                  "--target-accuracy", "1.01")
+    losses = lambda lines: [LOSS.match(ln)[2] for ln in lines if LOSS.match(ln)]  # noqa: E731
+    assert [LOSS.match(ln)[1] for ln in resumed if LOSS.match(ln)] == [str(i) for i in range(21, 41)]
+    assert losses(resumed) == losses(whole)[20:]  # the checkpoint's data order wins over --seed
+    assert resumed[-1] == whole[-1]
+    assert (model.parent / "transfer_learning_tod_trained_20_trained.tod").is_file()
+
+
+def test_log_and_plot(capsys, model, mini_fashion_dir, feature_cache, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    log, plot = tmp_path / "run.jsonl", tmp_path / "run.png"
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "25", "--test-every", "10",
+                "--target-accuracy", "1.01", "--log", os.fspath(log), "--plot", os.fspath(plot))
+    records = net_runner.read_log(log)
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "evaluate"]
+    assert [r["step"] for r in steps] == list(range(1, 26))
+    printed = [float(LOSS.match(ln)[2]) for ln in lines if LOSS.match(ln)]
+    assert [float(f"{r['loss']:g}") for r in steps] == printed
+    assert [(r["split"], r["step"]) for r in evals] == [("test", 10), ("test", 20), ("validation", 25)]
+    assert f"{evals[-1]['accuracy']:g}" == VALIDATION.match(lines[-1])[1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_verbose_prints_the_output_tensors(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "2", "-v")
+    assert lines[:2] == ["data size: 602112", "batch size: 32"]  # 3*224*224 float32, as the seed
+    assert sum(ln.startswith("logits: shape (32, 10) =") for ln in lines) == 2
+    assert sum(bool(LOSS.match(ln)) for ln in lines) == 2
+
+
+def _user_error(tmp_path: Path, *argv: str, env: dict | None = None) -> str:
+    done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", *argv], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("net_runner: error: "), done.stderr
+    return lines[0]
+
+
+def _dataset(root: Path, src: Path, folders: int, per_class: int) -> Path:
+    root.mkdir()
+    classes = (src / "classes.txt").read_text(encoding="utf-8").splitlines()[:folders]
+    (root / "classes.txt").write_text("".join(ln + "\n" for ln in classes), encoding="utf-8")
+    for line in classes:
+        folder = line.split("\t")[0]
+        (root / folder).mkdir()
+        for f in sorted((src / folder).iterdir())[:per_class]:
+            shutil.copy(f, root / folder / f.name)
+    return root
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, model, mini_fashion_dir) -> None:
+    data = os.fspath(mini_fashion_dir)
+    assert "no such model file" in _user_error(tmp_path, "-f", "missing.tod", "-d", data)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert "not a .tod model" in _user_error(tmp_path, "-f", "m.onnx", "-d", data)
+    (tmp_path / "broken.tod").write_bytes(b"not a model at all")
+    _user_error(tmp_path, "-f", "broken.tod", "-d", data)
+    assert "no such dataset folder" in _user_error(tmp_path, "-f", os.fspath(model), "-d", "nowhere")
+    three = _dataset(tmp_path / "three", mini_fashion_dir, 3, 10)
+    assert "3" in _user_error(tmp_path, "-f", os.fspath(model), "-d", os.fspath(three))
+    tiny = _dataset(tmp_path / "tiny", mini_fashion_dir, 10, 1)  # one image per class: validation only
+    assert "split is empty" in _user_error(tmp_path, "-f", os.fspath(model), "-d", os.fspath(tiny), "-c", "5")
+    assert "--cycles must be >= 0" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "-1")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tod") == ["broken.tod", model.name]
+
+
+def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = {**os.environ, "PYTHONPATH": os.fspath(blocker)}
+    line = _user_error(tmp_path, "-f", os.fspath(model), "-d", os.fspath(mini_fashion_dir), "--plot", "x.png",
+                       env=env)
+    assert "needs matplotlib" in line
+    assert not (tmp_path / "x.png").exists()
