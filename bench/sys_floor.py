@@ -1,8 +1,10 @@
 """System 5, the floor: ONNX Runtime inference of the frozen backbone over every image, once.
 
-Decode + preprocess (edgetune's loader) + the ``.tod``'s own frozen graph in batches of 32, and
-nothing else: no head, no optimizer, no checkpoint. No training system can do the same work unit
-faster than it extracts each image's features once.
+Decode + preprocess (edgetune's loader) + the ``.tod``'s own frozen graph, and nothing else: no
+head, no optimizer, no checkpoint. No training system can do the same work unit faster than it
+extracts each image's features once. Batches of 4, edgetune's ``Context.feature_batch``: on 2
+threads Lite0 was fastest per image there (bench/profile_edgetune.py), and the same batch makes
+edgetune / floor measure edgetune's own overhead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import onnxruntime as ort
 
 import common
 
-BATCH = 32
+BATCH = 4
 
 
 def main() -> None:

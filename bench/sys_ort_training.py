@@ -9,6 +9,7 @@ Checkpoints are ``CheckpointState.save_checkpoint`` with the optimizer state.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -32,7 +33,7 @@ def main() -> None:
     optimizer.set_learning_rate(meta["optimizer"]["lr"])
     batch = meta["batch_size"]
 
-    def predict(split: common.Split):
+    def predict(split: common.Split) -> Callable[[np.ndarray], np.ndarray]:
         def run(idx: np.ndarray) -> np.ndarray:
             _, logits = module(split.images(idx), split.labels[idx])
             return logits.argmax(1)

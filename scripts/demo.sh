@@ -12,7 +12,7 @@ bash scripts/setup.sh
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 .venv/bin/edgetune prepare-and-run -D fashion-mnist -t x86 -o package-x86 "$@" | tee "$log"
-cp "$log" package-x86/demo.log
+cat "$log" > package-x86/demo.log
 
 .venv/bin/python - package-x86/demo.log package-x86/train.jsonl package-x86/train.png <<'PY'
 import re

@@ -124,7 +124,8 @@ def test_session_reuses_a_disk_cache_and_never_a_stale_one(tiny_tod, tmp_path, m
     other = TrainSession.create(tiny_tod(seed=1), ctx)  # different frozen weights, same sample keys
     assert other.model_sha256 != first.model_sha256
     fresh = other.extract_features(x, keys=list("abcde"))
-    np.testing.assert_array_equal(fresh, TrainSession.create(tiny_tod(seed=1), Context(cache=False)).extract_features(x))
+    uncached = TrainSession.create(tiny_tod(seed=1), Context(cache=False))
+    np.testing.assert_array_equal(fresh, uncached.extract_features(x))
     assert not np.allclose(fresh, feats)
 
 

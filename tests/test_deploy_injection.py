@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -133,19 +132,22 @@ def test_ssh_refuses_an_option_as_host(fakes: dict[str, Path]) -> None:
     assert not fakes["log"].exists() and _pwned(fakes["root"]) == []
 
 
-NET_RUNNER_STUB = """#!/bin/sh
-printf '%s\\n' "$@" > "$STUB_ARGV"
-"""
+def stub_venv(package_dir: Path, body: str) -> None:
+    """A `.venv` the scripts take as installed (package.py's first-run check), whose `python` and
+    `net_runner` run `body` (a shell command line ending in `"$@"`)."""
+    bin_dir = package_dir / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (package_dir / ".venv" / "edgetune-installed").touch()
+    for name in ("python", "net_runner"):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
 
 
 def test_scripts_pass_a_hostile_model_name_as_one_word(tmp_path: Path) -> None:
     """The model path in train.sh/eval.sh reaches net_runner unchanged, its payload inert."""
     model = f"model/m {PAYLOAD}.tod"
     texts = package.script_texts(model, f"{sys.version_info[0]}.{sys.version_info[1]}")
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    stub = tmp_path / ".venv" / "bin" / "net_runner"
-    stub.write_text(NET_RUNNER_STUB)
-    stub.chmod(0o755)
+    stub_venv(tmp_path, 'printf "%s\\n" "$@" > "$STUB_ARGV"')
     for name, text in texts.items():
         (tmp_path / name).write_text(text)
         argv_file = tmp_path / f"{name}.argv"
@@ -177,8 +179,8 @@ def _snapshot(root: Path, skip: Path) -> dict[str, tuple[int, float]]:
 def test_package_run_writes_only_inside_the_package(tmp_path: Path) -> None:
     """Build a package (edgetune wheel + stub dependency wheels) and run its three scripts locally
     with the real net_runner on the tiny model, HOME and TMPDIR inside a watched folder: nothing may
-    appear or change outside the package. (The first-run venv install is stubbed: `.venv/bin/net_runner`
-    runs this interpreter's net_runner.)"""
+    appear or change outside the package. (The first-run venv install is stubbed: `.venv/bin/python`
+    is this interpreter.)"""
     world = tmp_path / "world"
     for d in ("home", "tmp", "work", "inputs", "wheels"):
         (world / d).mkdir(parents=True)
@@ -192,9 +194,7 @@ def test_package_run_writes_only_inside_the_package(tmp_path: Path) -> None:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     pkg = package.build_package("x86", package.clean_package_dir(out), model, data, wheels_from=world / "wheels",
                                 python_version=version, train_args=("-c", "60", "-s", "20", "--target-accuracy", "2"))
-    (out / ".venv" / "bin").mkdir(parents=True)
-    (out / ".venv" / "bin" / "net_runner").write_text(f'#!/bin/sh\nexec {sys.executable} -m edgetune.cli.net_runner "$@"\n')
-    (out / ".venv" / "bin" / "net_runner").chmod(0o755)
+    stub_venv(out, f'exec {sys.executable} "$@"')  # .venv/bin/python -m edgetune.cli.net_runner ...
     before = _snapshot(world, out)
     for script in package.SCRIPTS:
         done = subprocess.run(["sh", os.fspath(out / script)], cwd=world / "work", env=env, capture_output=True,

@@ -76,10 +76,11 @@ def test_scripts_are_valid_sh_and_call_net_runner_like_the_seed(tmp_path: Path) 
         (tmp_path / name).write_text(text)
         assert subprocess.run(["sh", "-n", tmp_path / name]).returncode == 0, name
         assert "pip install -q --no-index --find-links wheels 'edgetune[device]'" in text
+    run = "exec .venv/bin/python -m edgetune.cli.net_runner"
     last = {name: text.strip().splitlines()[-1] for name, text in texts.items()}
-    assert last["eval_untrained.sh"] == "exec .venv/bin/net_runner -f model/m.tod -c 0 -d dataset --cache-dir cache"
-    assert last["train.sh"].startswith("exec .venv/bin/net_runner -f model/m.tod -c 5 --lr 0.01 -d dataset")
-    assert last["eval.sh"] == "exec .venv/bin/net_runner -f model/m_trained.tod -c 0 -d dataset --cache-dir cache"
+    assert last["eval_untrained.sh"] == f"{run} -f model/m.tod -c 0 -d dataset --cache-dir cache"
+    assert last["train.sh"].startswith(f"{run} -f model/m.tod -c 5 --lr 0.01 -d dataset")
+    assert last["eval.sh"] == f"{run} -f model/m_trained.tod -c 0 -d dataset --cache-dir cache"
 
 
 def test_script_refuses_a_python_of_another_version(tmp_path: Path) -> None:
@@ -165,6 +166,16 @@ def test_prepare_and_run_deploys_and_runs_over_real_ssh(ssh_server, tmp_path: Pa
     model = remote / "package-x86" / "model"
     stem = lite0_tod.stem
     assert sorted(os.listdir(model)) == sorted(f"{stem}{s}.tod" for s in ("", "_trained", "_trained_20", "_trained_40"))
-    assert (remote / "package-x86" / ".venv" / "bin" / "net_runner").exists()
+    assert (remote / "package-x86" / ".venv" / "edgetune-installed").exists()
     assert os.listdir(local) == ["package-x86"] and not (local / "package-x86" / ".venv").exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["local", AWKWARD])
+
+
+def test_arm64_bundle_gets_an_onnxruntime_that_loads_opset_18(tmp_path: Path) -> None:
+    """With every manylinux alias pip finds the newest aarch64 builds (manylinux2014 alone: 1.16)."""
+    wheels = bundle.download_device_wheels("arm64", tmp_path)
+    names = [w.name for w in wheels]
+    assert all(n.endswith(("-none-any.whl", "aarch64.whl")) for n in names), names
+    major, minor = map(int, bundle.check_onnxruntime(tmp_path).split("."))
+    assert (major, minor) >= bundle.MIN_ONNXRUNTIME
+    assert any(n.startswith("numpy-") and "cp311" in n for n in names)

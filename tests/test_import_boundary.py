@@ -50,6 +50,20 @@ def test_runtime_imports_with_torch_and_onnx_blocked():
     assert int(count) == expected >= 1 and leaked.strip() == "[]"
 
 
+def test_host_command_parsers_load_without_torch_or_onnx():
+    """`edgetune export --help` and `convert --help` build their parsers with torch and onnx blocked."""
+    body = BLOCKED_PROCESS.split("import edgetune.runtime\n")[0] + (
+        "from edgetune.cli.main import parse_args\n"
+        "for command in ('export', 'convert'):\n"
+        "    try:\n"
+        "        parse_args([command, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n")
+    proc = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--backbone" in proc.stdout and "--backbone-onnx" in proc.stdout
+
+
 def _imported_roots(path: Path) -> set[str]:
     roots = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):

@@ -3,7 +3,6 @@ early stop, checkpoints, `-c 0`, resume, the log and plot, and one-line user err
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re

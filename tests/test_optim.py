@@ -35,7 +35,8 @@ def test_100_steps_track_torch(setting: str, head_name: str) -> None:
     cfg, spec = SETTINGS[setting], HEADS[head_name]
     rng = np.random.default_rng(11)
     f, c, n = 10, 4, 8
-    init = {"w0": rng.normal(0, 0.3, (6 if len(spec) > 1 else c, f)), "b0": rng.normal(0, 0.1, (6 if len(spec) > 1 else c,))}
+    hidden = 6 if len(spec) > 1 else c
+    init = {"w0": rng.normal(0, 0.3, (hidden, f)), "b0": rng.normal(0, 0.1, (hidden,))}
     if len(spec) > 1:
         init["w1"] = rng.normal(0, 0.3, (c, 6))
     params = {k: Parameter(k, v) for k, v in init.items()}

@@ -79,7 +79,7 @@ def test_demo_package_runs_locally_and_learns(tmp_path, lite0_tod, fashion_dir, 
     model = pkg / "model"
     assert sorted(os.listdir(model)) == sorted(f"{lite0_tod.stem}{s}.tod" for s in
                                                ("", "_trained", "_trained_200", "_trained_400", "_trained_600"))
-    assert (pkg / ".venv" / "bin" / "net_runner").exists() and (pkg / "train.jsonl").is_file()
+    assert (pkg / ".venv" / "edgetune-installed").exists() and (pkg / "train.jsonl").is_file()
     freeze = subprocess.run([pkg / ".venv" / "bin" / "python", "-m", "pip", "freeze"], capture_output=True, text=True)
     installed = {line.split("=")[0].split(" ")[0].lower() for line in freeze.stdout.splitlines()}
     assert {"edgetune", "numpy", "onnxruntime", "pillow"} <= installed

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from edgetune.runtime import format as tod_format
-from tests.fixtures_runtime import TinySplit, tiny_model
+from tests.fixtures_runtime import tiny_model
 
 CYCLES, SAVE_EVERY, TRIALS = 200, 5, 30
 RUN_FLAGS = ("-s", str(SAVE_EVERY), "--target-accuracy", "2", "--seed", "0", "-q")
@@ -177,7 +177,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_failed_save_keeps_previous_checkpoint(fault: str, tiny_tod, tiny_split, monkeypatch, tmp_path: Path) -> None:
+def test_failed_save_keeps_previous_checkpoint(fault: str, tiny_tod, monkeypatch, tmp_path: Path) -> None:
     """Session.save over an existing checkpoint fails with an OSError naming the file; the old bytes stay."""
     from edgetune.runtime import TrainSession
 
@@ -216,7 +216,7 @@ def test_full_disk_mid_training(crash_env: dict[str, Any], tmpfs: Path) -> None:
     """net_runner on a small tmpfs: the disk fills at some checkpoint; one clear error line, exit 2,
     every `.tod` left is whole, and resuming elsewhere from the newest one finishes the run exactly."""
     shutil.copy(crash_env["model"], tmpfs / "model.tod")
-    argv = [a for a in net_runner(tmpfs / "model.tod", crash_env["data"], CYCLES)]
+    argv = net_runner(tmpfs / "model.tod", crash_env["data"], CYCLES)
     cache = argv.index("--cache-dir")
     del argv[cache:cache + 2]  # features in memory: the tmpfs is for checkpoints
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)

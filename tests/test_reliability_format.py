@@ -334,3 +334,17 @@ def test_net_runner_on_a_damaged_model_is_one_clear_line(damage: str, tmp_path: 
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("net_runner: error: ") and path in lines[0]
+
+
+def test_saved_file_permissions(tmp_path: os.PathLike) -> None:
+    """A new file gets 0644 less the umask (not mkstemp's private 0600); a replaced file keeps its mode."""
+    path = os.path.join(tmp_path, "m.tod")
+    old = os.umask(0o027)
+    try:
+        tod_format.save_file(TodFile(meta={}), path)
+        assert os.stat(path).st_mode & 0o777 == 0o640
+        os.chmod(path, 0o604)
+        tod_format.save_file(TodFile(meta={"again": True}), path)
+        assert os.stat(path).st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)

@@ -224,11 +224,13 @@ def test_threads_come_from_the_context(tiny_tod) -> None:
 
 
 def test_lite0_cache_is_exact_and_export_matches(lite0_tod, tmp_path) -> None:
-    """On the real backbone: cached features (computed in other batches) equal uncached ones bit for
-    bit, and the exported classifier reproduces the session's eval logits in a fresh process."""
+    """On the real backbone: a fresh model saves back to the same bytes, cached features (computed
+    in other batches) equal uncached ones bit for bit, and the exported classifier reproduces the
+    session's eval logits in a fresh process."""
     x = np.random.default_rng(0).uniform(-1, 1, (6, 3, 224, 224)).astype(np.float32)
     y = np.arange(6) % 10
     plain = TrainSession.create(lite0_tod, Context(cache=False))
+    assert open(plain.save(tmp_path / "copy.tod"), "rb").read() == open(lite0_tod, "rb").read()  # round trip
     cached = TrainSession.create(lite0_tod, Context(cache=True, feature_batch=4))
     cached.extract_features(x[::-1].copy(), keys=[str(i) for i in range(5, -1, -1)])  # fill in another order
     losses = [plain.run_graph(x, y)["loss"] for _ in range(3)]
@@ -241,7 +243,8 @@ def test_lite0_cache_is_exact_and_export_matches(lite0_tod, tmp_path) -> None:
     np.save(tmp_path / "x.npy", x)
     script = ("import sys, numpy as np, onnxruntime as ort\n"
               f"s = ort.InferenceSession({str(onnx_path)!r}, providers=['CPUExecutionProvider'])\n"
-              f"np.save({str(tmp_path / 'y.npy')!r}, s.run(['logits'], {{'data': np.load({str(tmp_path / 'x.npy')!r})}})[0])\n"
+              f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+              f"np.save({str(tmp_path / 'y.npy')!r}, s.run(['logits'], {{'data': x}})[0])\n"
               "assert not any(m.split('.')[0] in ('torch', 'onnx', 'edgetune') for m in sys.modules)\n")
     subprocess.run([sys.executable, "-c", script], check=True)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)

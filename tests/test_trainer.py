@@ -97,6 +97,14 @@ class _LossRecorder:
         self.out.append(loss)
 
 
+def test_after_callback_sees_each_training_step(tiny_tod, tiny_split) -> None:
+    seen = []
+    sess = TrainSession.create(tiny_tod())
+    Trainer(sess, tiny_split(20), after_callback=seen.append).fit(3)
+    assert len(seen) == 3 and all(set(o) == {"loss", "logits"} and o["logits"].shape == (4, 3) for o in seen)
+    assert float(seen[-1]["loss"]) == sess.loss
+
+
 def test_accuracy_counts_every_sample(tiny_tod, tiny_split) -> None:
     split = tiny_split(70, seed=6, name="test")  # 64 + a partial chunk of 6
     sess = TrainSession.create(tiny_tod())
@@ -154,3 +162,33 @@ def test_bad_arguments(tiny_tod, tiny_split) -> None:
         Trainer(sess, tiny_split(0))
     with pytest.raises(UserError, match="no validation split"):
         Trainer(sess, tiny_split(5)).evaluate("validation")
+
+
+SEED_RUN = """
+import re, sys
+from edgetune.runtime import AccuracyMonitor, Context, LossMonitor, Trainer, TrainSession
+from edgetune.runtime.dataset import load_dataset
+sess = TrainSession.create(sys.argv[1], Context())
+ds = load_dataset(sys.argv[2], sess.preprocessing, num_classes=sess.num_classes)
+Trainer(sess, ds.train, ds.test, callbacks=[LossMonitor(), AccuracyMonitor()]).fit(100)
+status = open("/proc/self/status").read()
+print("peak_rss_mb", int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_seed_run_on_lite0_fits_in_250_mb(lite0_tod, fashion_dir) -> None:
+    """The seed's run (1000 images, 100 cycles, test every 20) in a fresh process: peak RSS <= 250 MB,
+    the seed's output lines, and it learns (Fashion-MNIST through Lite0 features: > 60% vs 10% chance)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SEED_RUN, str(lite0_tod), str(fashion_dir)],
+                          capture_output=True, text=True, check=True, timeout=600)
+    lines = done.stdout.splitlines()
+    losses = [line for line in lines if re.fullmatch(r"\d+: Loss is [-+.e\d]+ \[min=[-+.e\d]+\]", line)]
+    accs = [float(m.group(1)) for line in lines
+            if (m := re.fullmatch(r"accuracy on test data = ([.\d]+) max accuracy = [.\d]+", line))]
+    assert len(losses) + len(accs) + 1 == len(lines) and losses[0].startswith("1: Loss is ")
+    assert max(accs) > 0.6, accs
+    assert int(lines[-1].split()[1]) <= 250, lines[-1]

@@ -55,7 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Load the model and dataset, train for `args.cycles` steps, evaluate, save; returns 0."""
     from edgetune.runtime import Context, TrainSession
-    from edgetune.runtime import callbacks as cb
     from edgetune.runtime.dataset import load_dataset
     from edgetune.runtime.trainer import Trainer
 
@@ -70,19 +69,8 @@ def run(args: argparse.Namespace) -> int:
         session.learning_rate = args.lr
     if args.verbose:
         print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
-    stem = os.fspath(args.model)[: -len(".tod")]
     history = History()
-    callbacks: list = [history]
-    if not args.quiet:
-        callbacks.append(cb.LossMonitor())
-    if args.verbose:
-        callbacks.append(TensorPrinter())
-    callbacks.append(cb.AccuracyMonitor(every=args.test_every, target=args.target_accuracy))
-    if args.save_every:
-        callbacks.append(cb.CheckpointSaver(args.save_every))  # <model>_trained_<i>.tod
-    if args.log is not None:
-        callbacks.append(cb.JsonlLogger(args.log))
-    trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
+    trainer = Trainer(session, data.train, data.test, callbacks=_callbacks(args, history), seed=args.seed,
                       test_every=args.test_every, target_accuracy=args.target_accuracy)
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
@@ -97,10 +85,27 @@ def run(args: argparse.Namespace) -> int:
     accuracy = trainer.evaluate("validation", data.validation)
     print(f"accuracy on validation data = {accuracy:g}", flush=True)
     if args.cycles > 0:
-        session.save(stem + "_trained.tod")
+        session.save(os.fspath(args.model)[: -len(".tod")] + "_trained.tod")
     if args.plot is not None:
         save_plot(history.records, args.plot)
     return 0
+
+
+def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
+    """The seed's output (loss and test-accuracy lines) plus what the options ask for."""
+    from edgetune.runtime import callbacks as cb
+
+    chosen: list[Callback] = [history]
+    if not args.quiet:
+        chosen.append(cb.LossMonitor())
+    if args.verbose:
+        chosen.append(TensorPrinter())
+    chosen.append(cb.AccuracyMonitor(every=args.test_every, target=args.target_accuracy))
+    if args.save_every:
+        chosen.append(cb.CheckpointSaver(args.save_every))  # <model>_trained_<i>.tod next to the model
+    if args.log is not None:
+        chosen.append(cb.JsonlLogger(args.log))
+    return chosen
 
 
 def _splits_used(trainer, data, cycles: int) -> list:
@@ -205,7 +210,10 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 
 def save_plot(records: Sequence[dict], path: str | os.PathLike) -> str:
-    """Draw the loss per step and the test accuracy per evaluation into a PNG (matplotlib, Agg).
+    """Draw the loss per step, the test accuracy per evaluation and the final validation accuracy (PNG).
+
+    Takes the records `--log` writes (see `read_log`), so a run made on a device without
+    matplotlib can be plotted on the host. Uses the Agg backend: no display needed.
 
     Returns:
         The path written.
@@ -222,8 +230,17 @@ def save_plot(records: Sequence[dict], path: str | os.PathLike) -> str:
     acc_ax = loss_ax.twinx()
     if evals:
         acc_ax.plot(*zip(*evals), "o-", color="tab:orange", label="test accuracy")
-    acc_ax.set_ylabel("test accuracy", color="tab:orange")
+    validation = [(r["step"], r["accuracy"]) for r in records
+                  if r.get("event") == "evaluate" and r.get("split") == "validation"]
+    if validation:
+        acc_ax.plot(*validation[-1], "*", color="tab:green", markersize=14,
+                    label=f"validation accuracy {validation[-1][1]:g}")
+    acc_ax.set_ylabel("accuracy", color="tab:orange")
     acc_ax.set_ylim(0, 1)
+    handles = loss_ax.get_legend_handles_labels()[0] + acc_ax.get_legend_handles_labels()[0]
+    if handles:
+        acc_ax.legend(handles=handles, loc="center right")
+    loss_ax.set_title("training loss and accuracy")
     fig.tight_layout()
     fig.savefig(os.fspath(path), dpi=100)
     plt.close(fig)

@@ -8,7 +8,8 @@ package-<target>/
   eval_untrained.sh train.sh eval.sh
 ```
 The scripts create `.venv/` from `wheels/` on their first run and keep the feature cache in
-`cache/`, so nothing is written outside the package.
+`cache/`, so nothing is written outside the package. They run `python -m ...`, never the venv's
+launcher scripts, whose shebang lines break when the folder's path holds spaces or quotes.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ _PREAMBLE = """\
 set -e
 cd "$(dirname "$0")"
 PY="${{PYTHON:-python3}}"
-if [ ! -x .venv/bin/net_runner ]; then
+if [ ! -f .venv/edgetune-installed ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' || {{
     echo "{name}: the wheels in wheels/ are for Python {version}; set PYTHON to a Python {version}" >&2; exit 2; }}
   echo "== installing the runtime from wheels/ into .venv (first run only)" >&2
   rm -rf .venv
   "$PY" -m venv .venv
-  .venv/bin/pip install -q --no-index --find-links wheels 'edgetune[device]' >&2
+  .venv/bin/python -m pip install -q --no-index --find-links wheels 'edgetune[device]' >&2
+  touch .venv/edgetune-installed
 fi
 """
 
@@ -78,7 +80,7 @@ def script_texts(model: str, python_version: str = "3.11",
         "eval.sh": ("-f", trained, "-c", "0", *common),
     }
     return {name: _PREAMBLE.format(name=name, major=major, minor=minor, version=python_version)
-            + "exec .venv/bin/net_runner " + shlex.join(args) + "\n" for name, args in runs.items()}
+            + "exec .venv/bin/python -m edgetune.cli.net_runner " + shlex.join(args) + "\n" for name, args in runs.items()}
 
 
 def clean_package_dir(out: str | os.PathLike) -> Path:

@@ -34,7 +34,11 @@ class Callback:
 
 
 class LossMonitor(Callback):
-    """Prints the seed's `i: Loss is X [min=Y]` after every step."""
+    """Prints the seed's `i: Loss is X [min=Y]` after every step.
+
+    `i` is the model's step count (a resumed run continues the numbering); the minimum starts at
+    infinity where the seed starts it at 1000 (so a loss above 1000 is shown as its own minimum).
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -160,7 +164,7 @@ class JsonlLogger(Callback):
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(record) + "\n")
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         self._write({"event": "step", "step": step, "loss": loss, "lr": trainer.session.learning_rate})

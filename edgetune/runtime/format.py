@@ -238,6 +238,7 @@ def save_file(tod: TodFile, path: str | os.PathLike) -> str:
     except OSError as e:
         raise OSError(e.errno, f"cannot save {path}: {e.strerror}") from e
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -262,6 +263,20 @@ def save_file(tod: TodFile, path: str | os.PathLike) -> str:
     finally:
         os.close(dfd)
     return path
+
+
+def _mode_for(path: str) -> int:
+    """The permissions the saved file gets: those of the file it replaces, else rw-r--r-- less the umask.
+
+    mkstemp creates its file 0600; without this a checkpoint would be private where the model it
+    came from was not.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mask = os.umask(0o022)  # read the umask (set and put back; there is no getter)
+        os.umask(mask)
+        return 0o644 & ~mask
 
 
 def load_file(path: str | os.PathLike, *, verify: bool = True) -> TodFile:

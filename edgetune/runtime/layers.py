@@ -210,7 +210,8 @@ def build_head(spec: Sequence[Mapping[str, Any]], params: Mapping[str, Parameter
         if op == "dense":
             missing = [n for n in (item.get("weight"), item.get("bias")) if n is not None and n not in params]
             if item.get("weight") is None or missing:
-                raise ValueError(f"head op {i} (dense) names parameters the model does not have: {missing or ['weight']}")
+                raise ValueError(f"head op {i} (dense) names parameters the model does not have: "
+                                 f"{missing or ['weight']}")
             bias = params[item["bias"]] if item.get("bias") is not None else None
             layers.append(Dense(params[item["weight"]], bias))
         elif op == "dropout":

@@ -57,7 +57,8 @@ class Optimizer:
                 t = tensors.get(f"optim/{p.name}/{s}")
                 if t is not None:
                     if t.shape != p.data.shape:
-                        raise ValueError(f"optimizer slot optim/{p.name}/{s} has shape {t.shape}, parameter {p.data.shape}")
+                        raise ValueError(f"optimizer slot optim/{p.name}/{s} has shape {t.shape}, "
+                                         f"parameter {p.data.shape}")
                     self.state[p.name][s] = np.array(t, dtype=np.float32)
 
     def state_tensors(self) -> dict[str, np.ndarray]:

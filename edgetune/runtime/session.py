@@ -104,7 +104,8 @@ class TrainSession:
         if meta.get("loss", "softmax_cross_entropy") != "softmax_cross_entropy":
             raise ValueError(f"unsupported loss {meta['loss']!r} (only softmax_cross_entropy)")
         self._loss = SoftmaxCrossEntropy()
-        self._optimizer = make_optimizer(meta["optimizer"], list(self.params.values()), int(meta.get("optimizer_step", 0)))
+        step = int(meta.get("optimizer_step", 0))
+        self._optimizer = make_optimizer(meta["optimizer"], list(self.params.values()), step)
         self._optimizer.load_state(tod.tensors)
         dense = [layer for layer in self._head.layers if isinstance(layer, Dense)]
         if not dense or dense[-1].weight.data.shape[0] != int(meta["num_classes"]):
@@ -147,7 +148,8 @@ class TrainSession:
     def inputs(self) -> list[TensorSpec]:
         """Data and label inputs with their batch shapes, as the training graph declares them."""
         d, lab = self._meta["input"], self._meta["label"]
-        return [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]), TensorSpec(lab["name"], tuple(lab["shape"]), lab["dtype"])]
+        return [TensorSpec(d["name"], tuple(d["shape"]), d["dtype"]),
+                TensorSpec(lab["name"], tuple(lab["shape"]), lab["dtype"])]
 
     @property
     def class_names(self) -> list[str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from edgetune.errors import UserError
-from edgetune.runtime.session import TrainingDiverged, TrainSession
+from edgetune.runtime.session import AfterCallback, TrainingDiverged, TrainSession
 
 if TYPE_CHECKING:
     from edgetune.runtime.callbacks import Callback
@@ -49,16 +49,19 @@ class Trainer:
         test_every: evaluate on `test` every this many steps (0: never).
         target_accuracy: stop once a test accuracy is above this (None: never), as the seed's 0.9.
         progress: called as `progress(what, done, total)` while streaming a split through the model.
+        after_callback: passed to every training step's `run_head` (the seed's verbose mode).
     """
 
     def __init__(self, session: TrainSession, train: Split, test: Split | None = None, *,
                  callbacks: Sequence[Callback] = (), seed: int = 0, test_every: int = 20,
-                 target_accuracy: float | None = 0.9, progress: Progress | None = None) -> None:
+                 target_accuracy: float | None = 0.9, progress: Progress | None = None,
+                 after_callback: AfterCallback | None = None) -> None:
         if len(train) == 0:
             raise UserError("the train split is empty: nothing to train on")
         self.session, self.train, self.test = session, train, test
         self.callbacks = list(callbacks)
         self.test_every, self.target_accuracy, self.progress = int(test_every), target_accuracy, progress
+        self.after_callback = after_callback
         self.stop = False
         self._evaluated: dict[str, tuple[int, float]] = {}
         record = session.record
@@ -105,7 +108,7 @@ class Trainer:
         for _ in range(cycles):
             idx = self._next_batch()
             features = self._features(self.train, idx)
-            self.session.run_head(features, self.train.labels[idx])
+            self.session.run_head(features, self.train.labels[idx], self.after_callback)
             step = self.session.step
             self.session.record.update(rng_state=self._epoch_state, data_cursor=self._cursor)
             self._call("on_step_end", self, step, self.session.loss)
