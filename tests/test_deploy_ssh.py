@@ -179,3 +179,25 @@ def test_arm64_bundle_gets_an_onnxruntime_that_loads_opset_18(tmp_path: Path) ->
     major, minor = map(int, bundle.check_onnxruntime(tmp_path).split("."))
     assert (major, minor) >= bundle.MIN_ONNXRUNTIME
     assert any(n.startswith("numpy-") and "cp311" in n for n in names)
+
+
+def test_adb_commands_quote_the_remote_folder(tmp_path: Path, capfd, monkeypatch) -> None:
+    """adb itself is not installed here: a stand-in `adb` runs `adb shell` strings with sh, as a device
+    shell does, and `adb push` as a copy, so what is checked is the quoting of our commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "adb").write_text('#!/bin/sh\ncase "$1" in\n  get-state) echo device ;;\n'
+                                 '  push) cp -r "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
+    (bin_dir / "adb").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    pkg = tmp_path / "package-arm64"
+    pkg.mkdir()
+    (pkg / "hello.sh").write_text('echo "ran in $(pwd)"\n')
+    remote = tmp_path / AWKWARD
+    adb = transport.Adb(os.fspath(remote))
+    assert adb.push(pkg) == os.fspath(remote / "package-arm64")
+    assert (remote / "package-arm64" / "hello.sh").is_file()
+    capfd.readouterr()
+    assert adb.run("hello.sh") == 0
+    assert capfd.readouterr().out == f"ran in {remote / 'package-arm64'}\n"
+    assert sorted(os.listdir(tmp_path)) == sorted(["bin", "package-arm64", AWKWARD])
