@@ -7,6 +7,7 @@ meta follow docs/FORMAT.md, so it exercises exactly the path a converted Lite0 m
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +57,8 @@ def frozen_onnx(seed: int = 0) -> bytes:
 def tiny_model(head: str | Sequence[dict[str, Any]] = "mlp", optimizer: dict[str, Any] | None = None,
                num_classes: int = 3, batch_size: int = 4, seed: int = 0) -> tod_format.TodFile:
     """A tiny model in memory: head weights ~ N(0, 0.3) from `seed`, zero optimizer slots."""
-    spec = HEADS[head] if isinstance(head, str) else list(head)
+    # a copy: the model's meta must not alias HEADS (a test editing its model would edit every later one)
+    spec = copy.deepcopy(HEADS[head] if isinstance(head, str) else list(head))
     optimizer = optimizer or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "dampening": 0.01,
                               "weight_decay": 0.0, "nesterov": False}
     rng = np.random.default_rng(seed)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgetune.runtime import (AccuracyMonitor, CheckpointSaver, CosineLR, JsonlLogger, LinearLR, LossMonitor,
+from edgetune.errors import UserError
+from edgetune.runtime import (AccuracyMonitor, CheckpointSaver, Context, CosineLR, JsonlLogger, LinearLR, LossMonitor,
                               StepLR, Trainer, TrainSession)
+from tests.fixtures_runtime import tiny_model
 
 
 @pytest.mark.parametrize("loss, text", [(5.02998, "5.02998"), (0.000215514, "0.000215514"), (3.0, "3"),
@@ -61,6 +63,17 @@ def test_checkpoint_saver_default_names(tiny_tod, tiny_split) -> None:
     stem = path[: -len(".tod")]
     assert saver.saved == [f"{stem}_trained_2.tod", f"{stem}_trained_4.tod"]
     assert TrainSession.create(saver.saved[1]).step == 4
+
+
+def test_checkpoint_saver_never_names_files_from_meta(tiny_split) -> None:
+    """A session built in memory has no file to name checkpoints after; meta["name"] is text from
+    inside the model (here a path escape) and must not become a path: refused before any step."""
+    tod = tiny_model()
+    tod.meta["name"] = "../../escaped"
+    sess = TrainSession(tod, Context())
+    with pytest.raises(UserError, match="needs a pattern"):
+        Trainer(sess, tiny_split(20), callbacks=[CheckpointSaver(1)]).fit(2)
+    assert sess.step == 0
 
 
 @pytest.mark.parametrize("ours, theirs", [

@@ -100,6 +100,39 @@ def test_preprocessing_matches_a_hand_computation(tmp_path: Path) -> None:
         np.testing.assert_allclose(out[c], value, atol=1e-6)
 
 
+@pytest.mark.parametrize("size, pre", [((512, 384), LITE0), ((1000, 257), LITE0), ((100, 50), LITE0),
+                                       ((300, 260), {**LITE0, "resize_shorter": None}),
+                                       ((640, 480), {**LITE0, "size": [200, 240]})])
+def test_only_the_crop_window_is_resized(size: tuple[int, int], pre: dict) -> None:
+    """`preprocess` resizes only the crop window: within 1 grey level of resizing the whole image
+    with Pillow and cutting torchvision's center crop from it (the reference)."""
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    height, width = pre["size"]
+    full = img if pre["resize_shorter"] is None else resize_shorter(img, pre["resize_shorter"])
+    if min(full.size[0] - width, full.size[1] - height) < 0:
+        full = resize_shorter(img, max(height, width))
+    left, top = round((full.size[0] - width) / 2), round((full.size[1] - height) / 2)
+    reference = np.asarray(full.crop((left, top, left + width, top + height)), np.float32).transpose(2, 0, 1)
+    out = preprocess(img, {**pre, "mean": [0.0] * 3, "std": [1.0] * 3})
+    assert out.shape == (3, height, width)
+    assert np.abs(out - reference).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_grey_is_scaled_to_8_bits(mode: str) -> None:
+    """Pillow's convert("RGB") clips 16-bit values at 255 (flat white); each must become v >> 8."""
+    values = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0..64491
+    out = io.BytesIO()
+    if mode == "I;16":
+        Image.fromarray(values).save(out, "PNG")
+    else:  # 32-bit grey, as Pillow also opens some 16-bit files
+        Image.fromarray(values.astype(np.int32)).save(out, "TIFF")
+    img = dataset_module.open_image(out.getvalue())
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_images_decodes_only_the_requested_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=10)
     ds = load_dataset(root, small_pre())

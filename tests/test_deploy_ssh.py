@@ -84,11 +84,11 @@ def test_scripts_are_valid_sh_and_call_net_runner_like_the_seed(tmp_path: Path) 
 
 
 def test_script_refuses_a_python_of_another_version(tmp_path: Path) -> None:
-    (tmp_path / "eval.sh").write_text(package.script_texts("model/m.tod", "2.7")["eval.sh"])
+    (tmp_path / "eval.sh").write_text(package.script_texts("model/m.tod", "3.9")["eval.sh"])
     done = subprocess.run(["sh", "eval.sh"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 2
-    assert "for Python 2.7" in done.stderr
+    assert "for Python 3.9" in done.stderr
     assert not (tmp_path / ".venv").exists()
 
 
@@ -97,6 +97,14 @@ def test_clean_package_dir_refuses_a_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a package folder"):
         package.clean_package_dir(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep"
+    pkg = package.clean_package_dir(tmp_path / "package-x86")
+    (pkg / ".work").mkdir()  # a build that failed half-way
+    assert os.listdir(package.clean_package_dir(pkg)) == [package.MARKER]
+
+
+def test_bad_python_version_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="major.minor"):
+        package.script_texts("model/m.tod", "311")
 
 
 def test_ssh_push_and_run_with_an_awkward_remote_folder(ssh_server, tmp_path: Path, capfd) -> None:

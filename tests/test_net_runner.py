@@ -127,6 +127,19 @@ def test_resume_from_a_checkpoint_continues_bit_identically(capsys, model, mini_
     assert (model.parent / "transfer_learning_tod_trained_20_trained.tod").is_file()
 
 
+def test_no_cache_gives_the_cached_numbers(capsys, model, mini_fashion_dir, feature_cache) -> None:
+    """The cache is exact: running the backbone for every batch gives the same losses (float32 noise
+    from other batch compositions in onnxruntime aside: 1e-4 relative)."""
+    cached = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "2", "--test-every", "100")
+    assert net_runner.main(["-f", os.fspath(model), "-d", os.fspath(mini_fashion_dir), "-c", "2",
+                            "--no-cache", "--test-every", "100"]) == 0
+    uncached = capsys.readouterr().out.splitlines()
+    losses = lambda lines: [float(LOSS.match(ln)[2]) for ln in lines if LOSS.match(ln)]  # noqa: E731
+    assert len(losses(uncached)) == 2
+    assert losses(uncached) == pytest.approx(losses(cached), rel=1e-4)
+    assert uncached[-1] == cached[-1]
+
+
 def test_log_and_plot(capsys, model, mini_fashion_dir, feature_cache, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     log, plot = tmp_path / "run.jsonl", tmp_path / "run.png"

@@ -195,6 +195,29 @@ def test_image_folder_tree(tmp_path: Path) -> None:
         prepare_image_folder(src, tmp_path / "out3")
 
 
+def test_image_folder_skips_and_counts_what_is_not_a_file(tmp_path: Path) -> None:
+    """FIFOs, devices, broken links and links out of the class folder are listed in `skipped` (never
+    read: a FIFO would block), and a link to another class never brings its images along."""
+    src = tmp_path / "photos"
+    for name in ("cat", "dog"):
+        (src / name).mkdir(parents=True)
+        for i in range(2):
+            random_image(src / name / f"{name}{i}.bmp", (240, 240), seed=i + 10 * len(name))
+    os.mkfifo(src / "cat" / "fifo.jpg")
+    (src / "cat" / "zero.jpg").symlink_to("/dev/zero")
+    (src / "cat" / "gone.jpg").symlink_to("nowhere.jpg")
+    (src / "cat" / "dogs").symlink_to("../dog")       # another class: must not become cats
+    (src / "cat" / "all").symlink_to("..")            # the whole tree
+    report = prepare_image_folder(src, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out" / "0")) == ["cat0.bmp", "cat1.bmp"]
+    assert sorted(os.listdir(tmp_path / "out" / "1")) == ["dog0.bmp", "dog1.bmp"]
+    reasons = {Path(s).name: r for s, r in report.skipped}
+    assert sorted(reasons) == ["all", "dogs", "fifo.jpg", "gone.jpg", "zero.jpg"]
+    assert reasons["gone.jpg"] == "broken or looping symlink"
+    assert reasons["fifo.jpg"].startswith("not a regular file") and reasons["zero.jpg"].startswith("not a regular file")
+    assert "outside the class folder" in reasons["dogs"] and "outside the class folder" in reasons["all"]
+
+
 def test_fashion_mnist_prepared_from_the_idx_files(fashion_dir: Path) -> None:
     assert read_class_file(fashion_dir / "classes.txt") == [(str(k), n) for k, n in enumerate(FASHION_CLASSES)]
     images = read_idx(find_idx(FASHION_SOURCE, "t10k-images-idx3-ubyte"))

@@ -29,7 +29,8 @@ def test_no_run_builds_the_package_and_nothing_else(tmp_path, lite0_tod, mini_fa
     pkg = tmp_path / "package-x86"
     assert done.stdout.strip() == f"package: {pkg}"
     assert os.listdir(tmp_path) == ["package-x86"]
-    assert sorted(os.listdir(pkg)) == ["dataset", "eval.sh", "eval_untrained.sh", "model", "train.sh", "wheels"]
+    assert sorted(os.listdir(pkg)) == [".edgetune-package", "dataset", "eval.sh", "eval_untrained.sh", "model",
+                                       "train.sh", "wheels"]
     assert os.listdir(pkg / "model") == [lite0_tod.name]
     assert (pkg / "model" / lite0_tod.name).read_bytes() == lite0_tod.read_bytes()
     assert sorted(os.listdir(pkg / "dataset")) == sorted(os.listdir(mini_fashion_dir))
@@ -84,3 +85,15 @@ def test_demo_package_runs_locally_and_learns(tmp_path, lite0_tod, fashion_dir, 
     installed = {line.split("=")[0].split(" ")[0].lower() for line in freeze.stdout.splitlines()}
     assert {"edgetune", "numpy", "onnxruntime", "pillow"} <= installed
     assert not installed & {"torch", "onnx", "matplotlib"}
+
+
+def test_places365_source_is_prepared_into_the_package(tmp_path, lite0_tod, places_src, x86_wheels) -> None:
+    done = prepare_and_run(tmp_path, "-D", os.fspath(places_src), "--model", os.fspath(lite0_tod),
+                           "--wheels-from", os.fspath(x86_wheels), "--no-run")
+    assert done.returncode == 0, done.stderr
+    dataset = tmp_path / "package-x86" / "dataset"
+    classes = (dataset / "classes.txt").read_text(encoding="utf-8").splitlines()
+    assert [c.split("\t")[0] for c in classes] == [str(i) for i in range(10)]
+    assert classes[0].split("\t")[1].endswith("alley")  # the seed's first class, id 4
+    assert all(len(os.listdir(dataset / str(i))) == 6 for i in range(10))
+    assert os.listdir(tmp_path) == ["package-x86"]  # staging happened inside the package, then went

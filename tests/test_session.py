@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -171,12 +173,67 @@ def test_damaged_or_incomplete_models_raise_tod_errors(tiny_tod, tmp_path) -> No
     (lambda t: t.meta["frozen"].update(output="feats"), "no input 'data' / output 'feats'"),
     (lambda t: t.blobs.update({"frozen.onnx": b"not onnx"}), "onnxruntime cannot load the frozen graph"),
     (lambda t: t.meta["optimizer"].update(name="lamb"), "unknown optimizer 'lamb'"),
+    # consistent meta (preprocessing, input) but the graph's fixed image dims say 8x8
+    (lambda t: (t.meta["input"].update(shape=[4, 3, 9, 9]), t.meta["preprocessing"].update(size=[9, 9])),
+     r"graph takes \['N', 3, 8, 8\], the meta's input shape is \[4, 3, 9, 9\]"),
+    # a checkpoint (steps taken) without its momentum: zeros would silently change the next steps
+    (lambda t: (t.meta.update(optimizer_step=5), t.tensors.pop("optim/head.bias/momentum_buffer")),
+     "took 5 optimizer steps but has no optimizer state optim/head.bias/momentum_buffer"),
 ])
 def test_inconsistent_models_are_rejected_at_load(tiny_tod, tmp_path, edit, message: str) -> None:
     tod = tod_format.load_file(tiny_tod(head="dense"))
     edit(tod)
     with pytest.raises(tod_format.TodError, match=message):
         TrainSession.create(tod_format.save_file(tod, tmp_path / "bad.tod"))
+
+
+def test_fresh_model_without_optimizer_slots_starts_from_zero(tiny_tod, tmp_path) -> None:
+    """Slots may be absent before the first step (zero is their defined start), not after."""
+    tod = tod_format.load_file(tiny_tod(head="dense"))
+    full = TrainSession.create(tod_format.save_file(tod, tmp_path / "full.tod"))
+    del tod.tensors["optim/head.bias/momentum_buffer"]
+    bare = TrainSession.create(tod_format.save_file(tod, tmp_path / "bare.tod"))
+    for s in range(3):
+        full.run_graph(*batch(seed=s))
+        bare.run_graph(*batch(seed=s))
+    for name, param in full.params.items():
+        assert np.array_equal(bare.params[name].data, param.data)
+
+
+def test_update_overflow_is_undone(tiny_tod) -> None:
+    """A step whose update (not loss or gradient) overflows float32 is refused and leaves the
+    weights, optimizer slots and step count exactly as before it."""
+    sess = TrainSession.create(tiny_tod(head="dense"))
+    sess.run_graph(*batch(seed=0))
+    before = {n: p.data.copy() for n, p in sess.params.items()}
+    slots = {k: v.copy() for k, v in sess._optimizer.state_tensors().items()}
+    sess.params["head.bias"].data[:] = 3.3e38  # equal biases: softmax ignores them, the loss stays finite
+    before["head.bias"] = sess.params["head.bias"].data.copy()
+    sess.learning_rate = 1e38
+    with pytest.raises(TrainingDiverged, match="at step 2: the update made a weight non-finite"):
+        sess.run_graph(*batch(seed=1))
+    assert sess.step == 1 and sess.record["steps"] == 1
+    for name, param in sess.params.items():
+        assert np.array_equal(param.data, before[name]), name
+    for key, value in sess._optimizer.state_tensors().items():
+        assert np.array_equal(value, slots[key]), key
+
+
+def test_onnxruntime_telemetry_is_off() -> None:
+    """ORT_DISABLE_TELEMETRY=1 is in the environment at the moment onnxruntime is first imported
+    (an import hook records it), which is when onnxruntime reads it."""
+    script = textwrap.dedent("""
+        import os, sys
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name == "onnxruntime":
+                    print(os.environ.get("ORT_DISABLE_TELEMETRY"))
+        sys.meta_path.insert(0, Spy())
+        import edgetune.runtime
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["1"]
 
 
 @pytest.mark.parametrize("head", ["mlp", "nobias"])

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serial", help="adb device serial (adb -s)")
     parser.add_argument("-o", "--output", type=Path, help="package folder (default ./package-<target>)")
     parser.add_argument("--model", type=Path, help="use this .tod instead of exporting and converting one")
-    parser.add_argument("--per-class", type=int, default=100, help=f"images per class for {FASHION} (default 100)")
+    parser.add_argument("--per-class", type=int, metavar="N",
+                        help="images per class (default 100 for Places365 and Fashion-MNIST, all for an image folder)")
     parser.add_argument("--wheels-from", type=Path, help="reuse the dependency wheels of an earlier package's wheels/")
     parser.add_argument("--python-version", default="3.11", help="the device's Python (default 3.11)")
     parser.add_argument("--no-run", action="store_true", help="build the package, run nothing")
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     from edgetune.deploy import package as pkg
 
+    try:
+        train_args = tuple(shlex.split(args.train_args))
+    except ValueError as e:
+        raise UserError(f"--train-args: {e}") from None
     transport = _transport(args)  # fail on a missing tool or device before the long build
     out = pkg.clean_package_dir(args.output or Path(f"package-{args.target}"))
     stage = out / ".work"
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = _dataset(args.data_source, stage / "dataset", args.per_class)
     model = args.model if args.model is not None else _export_and_convert(args, dataset, stage)
     package = pkg.build_package(args.target, out, model, dataset, wheels_from=args.wheels_from,
-                                python_version=args.python_version, train_args=tuple(shlex.split(args.train_args)))
+                                python_version=args.python_version, train_args=train_args)
     shutil.rmtree(stage)
     print(f"package: {package.root.resolve()}", flush=True)
     if transport is None:
@@ -108,13 +113,13 @@ def _transport(args: argparse.Namespace):
     return transport.Ssh(args.host, args.remote_dir or ".", config=args.ssh_config, port=args.port)
 
 
-def _dataset(source: str, staged: Path, per_class: int) -> Path:
+def _dataset(source: str, staged: Path, per_class: int | None) -> Path:
     """A prepared dataset folder for `source`: used as is when already prepared, else prepared into `staged`."""
     from edgetune.data import prepare
 
     print(f"== preparing the dataset from {source}", file=sys.stderr, flush=True)
     if source == FASHION:
-        prepare.prepare_fashion_mnist(staged, per_class=per_class)
+        prepare.prepare_fashion_mnist(staged, per_class=per_class or 100)
         return staged
     src = Path(source)
     if not src.is_dir():
@@ -122,9 +127,9 @@ def _dataset(source: str, staged: Path, per_class: int) -> Path:
     if (src / "classes.txt").is_file():
         return src
     if (src / "val_256").is_dir():
-        prepare.prepare_places365(src, staged)
+        prepare.prepare_places365(src, staged, per_class=per_class or 100)
     else:
-        prepare.prepare_image_folder(src, staged)
+        prepare.prepare_image_folder(src, staged, per_class=per_class)
     return staged
 
 

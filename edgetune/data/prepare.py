@@ -12,6 +12,7 @@ and an output made with other options is refused (it would mix two datasets).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from PIL import Image, ImageOps
 from edgetune.data.idx import find_idx, read_idx
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
-from edgetune.runtime.dataset import CLASS_FILE, BadImage, center_crop, open_image, read_class_file, resize_shorter
+from edgetune.runtime.dataset import CLASS_FILE, BadImage, open_image, read_class_file, resize_and_crop
 
 # Places365 ids of the seed's classes, in the order of its folders 0..9: alley, cockpit,
 # amusement_arcade, amusement_park, aqueduct, arena/hockey, arena/rodeo, bus_interior, attic, badlands
@@ -129,7 +130,9 @@ def prepare_image_folder(src: str | os.PathLike, out: str | os.PathLike, resize_
     """Prepare any class-per-folder tree (torchvision ImageFolder: class = subfolder name, sorted).
 
     Files are found recursively (following symlinks, each real directory once, so a link loop
-    cannot hang it), sorted by path; output names come from the path inside the class folder.
+    cannot hang it, and never out of the class folder), sorted by path; output names come from the
+    path inside the class folder. Entries that are not files (FIFOs, devices, broken links, links
+    out of the class folder) are skipped and counted with the unusable images.
 
     Args:
         src: the tree's root.
@@ -154,18 +157,20 @@ def prepare_image_folder(src: str | os.PathLike, out: str | os.PathLike, resize_
         raise UserError(f"{src} has no class folders (expected SRC/<class name>/<images>)")
     candidates = []
     for class_dir in class_dirs:
-        files = walk_files(class_dir)
-        if not files:
+        entries = walk_files(class_dir)
+        if not entries:
             raise UserError(f"class folder {class_dir} is empty")
         used: set[str] = set()
         found = []
-        for path in files:
+        for path, problem in entries:
             rel = path.relative_to(class_dir)
             name = "__".join(rel.with_suffix("").parts)
             if name in used:  # a.jpg next to a.png: keep both, deterministically
                 name = "__".join(rel.parts).replace(".", "_")
             used.add(name)
-            found.append(Candidate(name, str(path), lambda p=path: crop_image(p, resize_shorter, crop)))
+            make = (functools.partial(crop_image, path, resize_shorter, crop) if problem is None
+                    else functools.partial(refuse, problem))  # skipped and counted like a bad image
+            found.append(Candidate(name, str(path), make))
         candidates.append(found)
     return write_dataset(out, [p.name for p in class_dirs], candidates, fmt, per_class)
 
@@ -215,14 +220,10 @@ def crop_image(path: Path, shorter: int | None, crop: int) -> Image.Image:
     """Open a photo as RGB (EXIF rotation applied), resize its shorter side, center crop a square.
 
     With `shorter` None only sources smaller than the crop are resized (up to the crop size).
+    Only the crop window is resized (`resize_and_crop`), so a long thin strip cannot blow up memory.
     """
-    img = open_image(path)
-    img = ImageOps.exif_transpose(img)
-    if shorter:
-        img = resize_shorter(img, shorter)
-    if min(img.size) < crop:
-        img = resize_shorter(img, crop)
-    return center_crop(img, crop, crop)
+    img = ImageOps.exif_transpose(open_image(path))
+    return resize_and_crop(img, shorter, crop, crop)
 
 
 def find_list(src: Path, name: str, required: bool) -> Path | None:
@@ -253,19 +254,51 @@ def read_categories(path: Path | None) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
-def walk_files(top: Path) -> list[Path]:
-    """Regular non-hidden files under `top`, sorted by path; symlinked directories followed once."""
+def walk_files(top: Path) -> list[tuple[Path, str | None]]:
+    """Every non-hidden entry under `top` that is not a directory walked into, sorted by path.
+
+    Each comes with why it cannot be an image (None for a regular file), so the caller counts and
+    reports it instead of dropping it silently or blocking on it (a FIFO or /dev/zero never ends).
+    Symlinked directories are followed once each (a link loop cannot hang the walk) and only while
+    they stay inside `top`: a link out of the class folder (e.g. `cats/all -> ..`) would pull in
+    other classes' images under this class's label. Such a link is listed with its reason.
+    """
+    real_top = os.path.realpath(top)
     seen: set[tuple[int, int]] = set()
-    files: list[Path] = []
+    entries: list[tuple[Path, str | None]] = []
     for root, dirs, names in os.walk(top, followlinks=True):
         st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link inside `top`: already listed
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
-    return sorted(files, key=lambda p: p.relative_to(top).parts)
+        inside = []
+        for d in dirs:
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(root, d))
+            if os.path.commonpath([real_top, real]) == real_top:
+                inside.append(d)
+            else:
+                entries.append((Path(root, d), f"a link to {real}, outside the class folder: not followed"))
+        dirs[:] = inside
+        for name in names:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                entries.append((Path(path), None if os.path.isfile(path) else non_file_reason(path)))
+    return sorted(entries, key=lambda e: e[0].relative_to(top).parts)
+
+
+def non_file_reason(path: str) -> str:
+    """Why `path` (found in a folder listing, not a regular file) is not read as an image."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "broken or looping symlink"
+    return "not a regular file (a FIFO, device or socket)"
+
+
+def refuse(reason: str) -> Image.Image:
+    """A candidate's `make` for an entry that is not a file: always `BadImage(reason)`."""
+    raise BadImage(reason)
 
 
 def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: list[list[Candidate]],

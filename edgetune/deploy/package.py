@@ -15,6 +15,7 @@ launcher scripts, whose shebang lines break when the folder's path holds spaces 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -25,6 +26,7 @@ from edgetune.deploy import bundle
 from edgetune.errors import UserError
 
 SCRIPTS = ("eval_untrained.sh", "train.sh", "eval.sh")
+MARKER = ".edgetune-package"  # marks a folder clean_package_dir may empty
 
 # The demo's training run. Cached steps cost well under a millisecond, so train.sh takes 600 of
 # them (32 epochs of the 600 Fashion-MNIST training images) at lr 0.01 without stopping early:
@@ -71,6 +73,8 @@ def script_texts(model: str, python_version: str = "3.11",
     Returns:
         script name -> file text.
     """
+    if not re.fullmatch(r"3\.\d+", python_version):
+        raise UserError(f"bad Python version {python_version!r}: give major.minor, e.g. 3.11")
     major, minor = python_version.split(".")
     trained = model[: -len(".tod")] + "_trained.tod"
     common = ("-d", "dataset", "--cache-dir", "cache")
@@ -84,16 +88,19 @@ def script_texts(model: str, python_version: str = "3.11",
 
 
 def clean_package_dir(out: str | os.PathLike) -> Path:
-    """Create `out` empty; an existing folder is emptied only if it is a package (has train.sh).
+    """Create `out` empty, with a marker file; an existing folder is emptied only if it is a package.
 
-    The guard keeps a mistyped `-o` from wiping an unrelated folder.
+    The guard keeps a mistyped `-o` from wiping an unrelated folder, while a package whose build
+    failed half-way can still be rebuilt.
     """
     out = Path(out)
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "train.sh").is_file()):
+        ours = (out / MARKER).is_file() or all((out / name).is_file() for name in SCRIPTS)
+        if not out.is_dir() or (any(out.iterdir()) and not ours):
             raise UserError(f"{out} exists and is not a package folder: refusing to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("built by edgetune prepare-and-run; the folder is replaced on the next build\n")
     return out
 
 

@@ -33,10 +33,12 @@ class Local:
         self.package: Path | None = None
 
     def push(self, package: Path) -> str:
+        """Nothing to copy: the scripts run in `package` itself."""
         self.package = Path(package).resolve()
         return os.fspath(self.package)
 
     def run(self, script: str) -> int:
+        """`sh script` in the package folder; output goes straight to ours."""
         return subprocess.run(["sh", script], cwd=self.package).returncode
 
 
@@ -55,6 +57,7 @@ class Adb:
             raise UserError(f"no adb device ready: {_last_line(state.stderr) or state.stdout.strip()}")
 
     def push(self, package: Path) -> str:
+        """Replace `<remote_dir>/<package name>` on the device with `package`."""
         self.package = os.fspath(PurePosixPath(self.remote_dir) / Path(package).name)
         _check(subprocess.run([*self.adb, "shell", f"rm -rf {shlex.quote(self.package)} && "
                                f"mkdir -p {shlex.quote(self.remote_dir)}"], capture_output=True, text=True),
@@ -64,6 +67,7 @@ class Adb:
         return self.package
 
     def run(self, script: str) -> int:
+        """`adb shell` runs the script in the pushed package; returns its exit status."""
         command = f"cd {shlex.quote(self.package)} && sh {shlex.quote(script)}"
         return subprocess.run([*self.adb, "shell", command]).returncode
 
@@ -94,6 +98,7 @@ class Ssh:
             raise UserError(f"cannot reach {host} over ssh: {_last_line(probe.stderr)}")
 
     def push(self, package: Path) -> str:
+        """Stream `package` (without a local .venv or cache) as tar into `<remote_dir>/<name>`, replacing it."""
         package = Path(package).resolve()
         name = package.name
         self.package = os.fspath(PurePosixPath(self.remote_dir) / name)
@@ -109,6 +114,7 @@ class Ssh:
         return f"{self.host}:{self.package}"
 
     def run(self, script: str) -> int:
+        """ssh runs the script in the copied package; returns its exit status."""
         command = f"cd {shlex.quote(self.package)} && sh {shlex.quote(script)}"
         return subprocess.run([*self.ssh, command], stdin=subprocess.DEVNULL).returncode
 

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from edgetune.errors import UserError
+
 if TYPE_CHECKING:
     from edgetune.runtime.trainer import Trainer
 
@@ -82,7 +84,9 @@ class CheckpointSaver(Callback):
     Args:
         every: steps between checkpoints.
         pattern: output path with a `{step}` field; default `<model>_trained_{step}.tod` next to
-            the model the session was loaded from.
+            the file the session was loaded from. The default is never built from `meta["name"]`:
+            that is text from inside the model file (it could hold `../` or `/`), and saving
+            there would put files where nobody asked for them.
     """
 
     def __init__(self, every: int, pattern: str | os.PathLike | None = None) -> None:
@@ -91,12 +95,16 @@ class CheckpointSaver(Callback):
         self.every, self.pattern = int(every), None if pattern is None else os.fspath(pattern)
         self.saved: list[str] = []
 
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.pattern is None and trainer.session.path is None:  # refuse before any step, not at the first save
+            raise UserError("CheckpointSaver needs a pattern for a session not loaded from a file")
+
     def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
         if step % self.every:
             return
         pattern = self.pattern
         if pattern is None:
-            stem = os.path.splitext(trainer.session.path or trainer.session.meta.get("name", "model"))[0]
+            stem = os.path.splitext(trainer.session.path)[0]
             pattern = stem.replace("{", "{{").replace("}", "}}") + "_trained_{step}.tod"
         self.saved.append(trainer.session.save(pattern.format(step=step)))
 

@@ -79,7 +79,7 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
                 probe.verify()
             img = Image.open(io.BytesIO(data))
             img.load()
-            return img if img.mode == "RGB" else img.convert("RGB")
+            return img if img.mode == "RGB" else to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(f"refused: decompression bomb ({e})") from e
         except BadImage:
@@ -91,6 +91,20 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
             raise BadImage(f"corrupt or truncated ({type(e).__name__}: {e})") from e
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any mode to 8-bit RGB.
+
+    16-bit grey (PNG, TIFF: modes `I;16*`, and `I`, which Pillow also uses for them) is scaled down
+    to 8 bits (`>> 8`) first: Pillow's own `convert("RGB")` clips those values at 255, so a
+    16-bit photo would come out as flat white. Values of a 32-bit `I` image outside 0..65535 are
+    clipped to that range (no camera makes them).
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        pixels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        img = Image.fromarray(pixels.astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def check_size(size: tuple[int, int]) -> None:
     """Raise `BadImage` for an image whose header claims more than `MAX_PIXELS` pixels."""
     width, height = size
@@ -98,16 +112,17 @@ def check_size(size: tuple[int, int]) -> None:
         raise BadImage(f"refused: {width}x{height} pixels is over the {MAX_PIXELS} limit (decompression bomb?)")
 
 
+def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side at `shorter`, aspect ratio kept (torchvision's rounding)."""
+    w, h = size
+    return (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
+
+
 def resize_shorter(img: Image.Image, shorter: int, resample: int = Image.BILINEAR) -> Image.Image:
     """Scale `img` so its shorter side is `shorter`, keeping the aspect ratio (torchvision's rounding)."""
-    w, h = img.size
-    if min(w, h) == shorter:
+    if min(img.size) == shorter:
         return img
-    if w <= h:
-        size = (shorter, int(shorter * h / w))
-    else:
-        size = (int(shorter * w / h), shorter)
-    return img.resize(size, resample)
+    return img.resize(shorter_side_size(img.size, shorter), resample)
 
 
 def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
@@ -119,6 +134,29 @@ def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
         raise BadImage(f"{w}x{h} is smaller than the {width}x{height} crop")
     left, top = int(round((w - width) / 2.0)), int(round((h - height) / 2.0))
     return img.crop((left, top, left + width, top + height))
+
+
+def resize_and_crop(img: Image.Image, shorter: int | None, height: int, width: int,
+                    resample: int = Image.BILINEAR) -> Image.Image:
+    """`resize_shorter(img, shorter)` then `center_crop(..., height, width)`, resizing only the window.
+
+    The shorter side goes to `shorter` (None: size kept); an image still smaller than the crop has
+    its shorter side scaled to cover it instead (`max(height, width)`). Only the crop window is
+    computed, through Pillow's `resize(box=...)`: the same filter taps at the same source
+    positions as resizing the whole image and cropping (equal within 1 grey level, float
+    rounding), but memory is that of the crop. Resizing the whole image first is a memory bomb
+    for a strip: 100000x4 pixels (0.4 Mpx) at a 256 shorter side would be 6.4 Gpx.
+    """
+    w, h = img.size
+    new = shorter_side_size((w, h), shorter) if shorter and min(w, h) != shorter else (w, h)
+    if new[0] < width or new[1] < height:
+        new = shorter_side_size((w, h), max(height, width))
+    if new == (w, h):
+        return center_crop(img, height, width)
+    left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))
+    sx, sy = w / new[0], h / new[1]  # source pixels per resized pixel
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return img.resize((width, height), resample, box=box)
 
 
 def read_class_file(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -168,11 +206,7 @@ def preprocess(img: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
     height, width = (int(v) for v in preprocessing["size"])
     if img.size != (width, height):
         shorter = preprocessing.get("resize_shorter")
-        if shorter:
-            img = resize_shorter(img, int(shorter))
-        if img.size[0] < width or img.size[1] < height:  # too small for the crop: just cover it
-            img = resize_shorter(img, max(height, width))
-        img = center_crop(img, height, width)
+        img = resize_and_crop(img, int(shorter) if shorter else None, height, width)
     pixels = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
     scale = np.float32(preprocessing.get("scale", 1.0))
     mean = np.asarray(preprocessing["mean"], np.float32).reshape(3, 1, 1)

@@ -17,19 +17,25 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
 from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
-from edgetune.runtime.layers import Dense, Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
+from edgetune.runtime.layers import Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
+from edgetune.runtime.meta import check_head, check_meta
 from edgetune.runtime.optim import make_optimizer
+
+# onnxruntime's official builds send usage telemetry (1DS) unless this is set before it initializes;
+# a device training on private photos must not phone home. This module is the runtime's one import
+# of onnxruntime, so setting it here covers every session (setdefault: an explicit "0" wins).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402 - must follow the environment setting above
 
 AfterCallback = Callable[[dict[str, np.ndarray]], None]
 
 
 class TrainingDiverged(UserError):
-    """The loss (or a gradient) is not finite: the step was not applied, so no bad weights exist."""
+    """The loss, a gradient or an updated weight is not finite: the step was not applied, so no bad weights exist."""
 
 
 @dataclass(frozen=True)
@@ -82,40 +88,42 @@ class TrainSession:
             self._init_from(tod)
         except (KeyError, TypeError, ValueError) as e:
             where = f"{path}: " if path else ""
-            raise tod_format.HeaderError(f"{where}not a usable model: {type(e).__name__}: {e}") from None
+            detail = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours say what is wrong
+            raise tod_format.HeaderError(f"{where}not a usable model: {detail}") from None
         self.loss = math.nan
         self.logits = np.zeros((0, self.num_classes), np.float32)
         self.training = True
         self._head.train(True)
 
     def _init_from(self, tod: tod_format.TodFile) -> None:
+        """Build the session from the file; every inconsistency raises here, at load, not mid-training."""
         meta = self._meta
+        check_meta(meta, tod.tensors)
         frozen = meta["frozen"]
+        if frozen["blob"] not in tod.blobs:
+            raise ValueError(f"frozen.blob {frozen['blob']!r} is not in the file (it has {sorted(tod.blobs)})")
         self._frozen_blob = tod.blobs[frozen["blob"]]
         self.model_sha256 = hashlib.sha256(self._frozen_blob).hexdigest()
-        self._frozen_io = (str(frozen["input"]), str(frozen["output"]))
+        self._frozen_io = (frozen["input"], frozen["output"])
         self.params = {n: Parameter(n, tod.tensors[f"param/{n}"]) for n in meta["trainable"]}
         self.dropout_rng = np.random.Generator(np.random.PCG64(0))
-        state = meta.setdefault("training", {}).get("dropout_rng_state")
+        state = meta["training"].get("dropout_rng_state")
         if state is not None:
             self.dropout_rng.bit_generator.state = state
         self._head = build_head(meta["head"], self.params, self.dropout_rng)
         self._has_dropout = any(isinstance(layer, Dropout) for layer in self._head.layers)
+        check_head(self._head.layers, frozen.get("features"), meta["num_classes"])
         if meta.get("loss", "softmax_cross_entropy") != "softmax_cross_entropy":
             raise ValueError(f"unsupported loss {meta['loss']!r} (only softmax_cross_entropy)")
         self._loss = SoftmaxCrossEntropy()
-        step = int(meta.get("optimizer_step", 0))
+        step = meta.get("optimizer_step", 0)
         self._optimizer = make_optimizer(meta["optimizer"], list(self.params.values()), step)
         self._optimizer.load_state(tod.tensors)
-        dense = [layer for layer in self._head.layers if isinstance(layer, Dense)]
-        if not dense or dense[-1].weight.data.shape[0] != int(meta["num_classes"]):
-            raise ValueError(f"the head's last dense layer must have num_classes={meta['num_classes']} outputs")
-        if isinstance(frozen.get("features"), int) and dense[0].weight.data.shape[1] != frozen["features"]:
-            raise ValueError(f"the head's first dense layer must take the {frozen['features']} frozen features")
+        absent = [name for name in self._optimizer.state_tensors() if name not in tod.tensors]
+        if step > 0 and absent:  # zeros would silently restart momentum / Adam moments mid-run
+            raise ValueError(f"the model took {step} optimizer steps but has no optimizer state {absent[0]}")
         self._ort = _inference_session(self._frozen_blob, self.ctx.threads)
-        names = ({i.name for i in self._ort.get_inputs()}, {o.name for o in self._ort.get_outputs()})
-        if self._frozen_io[0] not in names[0] or self._frozen_io[1] not in names[1]:
-            raise ValueError(f"the frozen graph has no input {self._frozen_io[0]!r} / output {self._frozen_io[1]!r}")
+        _check_frozen_graph(self._ort, self._frozen_io, meta["input"]["shape"], frozen.get("features"))
         self._cache: FeatureCache | None = None
 
     @classmethod
@@ -288,12 +296,30 @@ class TrainSession:
         return outputs
 
     def _train_step(self) -> None:
+        """Backward and one optimizer step, kept only if every weight and slot stays finite.
+
+        A finite loss and finite gradients can still overflow float32 in the update itself (a
+        huge learning rate, weights near float32's max). Such a step is undone (parameters, slots
+        and step count restored from a snapshot: the head is small, the copy is cheap) and
+        refused like a NaN loss, so no session, and hence no checkpoint, ever holds an inf.
+        """
         if not math.isfinite(self.loss):
             raise TrainingDiverged(self._diverged(f"loss is {self.loss}"))
         self._head.backward(self._loss.backward())
         if not all(np.isfinite(p.grad).all() for p in self.params.values()):
             raise TrainingDiverged(self._diverged("a gradient is not finite"))
-        self._optimizer.step()
+        params = {n: p.data.copy() for n, p in self.params.items()}
+        slots = {k: v.copy() for k, v in self._optimizer.state_tensors().items()}
+        step = self._optimizer.step_count
+        with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
+            self._optimizer.step()
+        tensors = [p.data for p in self.params.values()] + list(self._optimizer.state_tensors().values())
+        if not all(np.isfinite(t).all() for t in tensors):
+            for n, p in self.params.items():
+                p.data[...] = params[n]
+            self._optimizer.load_state(slots)
+            self._optimizer.step_count = step
+            raise TrainingDiverged(self._diverged("the update made a weight non-finite"))
         self.record["steps"] = self.step
 
     def _diverged(self, what: str) -> str:
@@ -385,6 +411,25 @@ class TrainSession:
     def __repr__(self) -> str:
         mode = "train" if self.training else "eval"
         return f"TrainSession({self.path!r}, {mode}, step={self.step}, head={self._head!r})"
+
+
+def _check_frozen_graph(sess: ort.InferenceSession, io: tuple[str, str], input_shape: list[int],
+                        features: int | None) -> None:
+    """The graph must have the meta's input and output names, and (where its dims are fixed) take
+    the meta's image shape and give `features` values per image: else the first batch would fail
+    inside onnxruntime, or features of another width would reach the head."""
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    outputs = {o.name: o.shape for o in sess.get_outputs()}
+    if io[0] not in inputs or io[1] not in outputs:
+        raise ValueError(f"the frozen graph has no input {io[0]!r} / output {io[1]!r} "
+                         f"(it has inputs {sorted(inputs)}, outputs {sorted(outputs)})")
+    got, want = list(inputs[io[0]]), [None, *input_shape[1:]]
+    if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
+        raise ValueError(f"the frozen graph takes {got}, the meta's input shape is {input_shape}")
+    dims = list(outputs[io[1]])[1:]  # per image; the runtime flattens them
+    width = math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+    if features is not None and width is not None and width != features:
+        raise ValueError(f"the frozen graph gives {width} features, the meta says {features} frozen features")
 
 
 def _inference_session(blob: bytes, threads: int) -> ort.InferenceSession:

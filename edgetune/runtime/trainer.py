@@ -98,7 +98,8 @@ class Trainer:
         """Take up to `cycles` optimizer steps (fewer if a callback or the target stops training).
 
         Raises:
-            TrainingDiverged: a non-finite loss; the step was not applied and nothing was saved.
+            TrainingDiverged: a non-finite loss, gradient or updated weight; the step was not applied
+                and nothing was saved.
         """
         if cycles < 0:
             raise UserError(f"cycles must be >= 0, got {cycles}")
