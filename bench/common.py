@@ -76,13 +76,13 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> Iterator[np.ndarra
     order = rng.permutation(n)
     cursor = 0
     for _ in range(steps):
-        take = []
-        while len(take) < batch:
+        take, have = [], 0
+        while have < batch:
             if cursor == n:
                 order, cursor = rng.permutation(n), 0
-            k = min(batch - len(take), n - cursor)
+            k = min(batch - have, n - cursor)
             take.append(order[cursor:cursor + k])
-            cursor += k
+            cursor, have = cursor + k, have + k
         yield np.concatenate(take)
 
 

@@ -18,6 +18,7 @@ the files asked for, so memory stays at one batch.
 Preprocessing follows the model's `meta["preprocessing"]` (docs/FORMAT.md): resize the shorter
 side to `resize_shorter` (skipped when null, and skipped altogether for an image already at
 `size`), center crop to `size` [H, W], then `(p * scale - mean[c]) / std[c]` per RGB channel, NCHW.
+Only the crop window is ever resized (`resize_and_crop`), so memory stays at the crop's size.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
     Decompression bombs are refused before decoding: the pixel count from the header is checked
     against `MAX_PIXELS`, and Pillow's own `DecompressionBombWarning` is raised as an error.
     Grey, palette, CMYK and alpha images become RGB the way torchvision's ImageFolder loader does
-    (`convert("RGB")`, alpha dropped), so prepared data matches what the usual pipeline sees.
+    (`convert("RGB")`, alpha dropped), so prepared data matches what the usual pipeline sees;
+    16-bit grey is scaled to 8 bits first (`to_rgb`), where that loader clips it to white.
 
     Args:
         data: the file's bytes, or its path.
