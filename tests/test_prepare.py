@@ -133,7 +133,7 @@ def test_rerun_is_a_no_op_and_a_half_written_output_is_completed(places_src: Pat
     def dying_save(img: Image.Image, dest: Path, fmt: str) -> None:
         calls.append(dest)
         if len(calls) == 8:
-            (dest.parent / f".{dest.name}.x.tmp").write_bytes(b"torn")  # what a kill mid-write leaves
+            (dest.parent / f".{dest.name}.x.partial").write_bytes(b"torn")  # what a kill mid-write leaves
             raise KeyboardInterrupt
         real_save(img, dest, fmt)
 
@@ -145,7 +145,7 @@ def test_rerun_is_a_no_op_and_a_half_written_output_is_completed(places_src: Pat
     assert sum(1 for p in fresh.rglob("*.bmp")) == 7
     done = prepare_places365(places_src, fresh, per_class=3)
     assert (done.written, done.existing, done.up_to_date) == (23, 7, False)
-    assert not list(fresh.rglob(".*.tmp"))
+    assert not list(fresh.rglob(".*.partial"))
     assert snapshot(fresh).keys() == before.keys()
     for name in before:
         if name.endswith(".bmp"):

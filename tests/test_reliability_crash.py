@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgetune.runtime import atomic
 from edgetune.runtime import format as tod_format
 from tests.fixtures_runtime import tiny_model
 
@@ -188,7 +189,7 @@ def test_failed_save_keeps_previous_checkpoint(fault: str, tiny_tod, monkeypatch
     sess.run_head(np.ones((4, 8), np.float32), np.array([0, 1, 2, 0]))  # the weights change
     where, replacement, err = FAULTS[fault]
     module, name = where.split(".")
-    monkeypatch.setattr(vars(tod_format)[module], name, replacement)
+    monkeypatch.setattr(vars(atomic)[module], name, replacement)  # the module that writes the file
     with pytest.raises(OSError) as info:
         sess.save(target)
     monkeypatch.undo()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image, ImageOps
 from edgetune.data.idx import find_idx, read_idx
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
+from edgetune.runtime.atomic import TEMP_SUFFIX, write_atomic
 from edgetune.runtime.dataset import CLASS_FILE, BadImage, open_image, read_class_file, resize_and_crop
 
 # Places365 ids of the seed's classes, in the order of its folders 0..9: alley, cockpit,
@@ -343,7 +343,7 @@ def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: li
     for k, found in enumerate(candidates):
         folder = out / str(k)
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by an interrupted run
+        for stale in folder.glob(f".*{TEMP_SUFFIX}"):  # left by an interrupted run
             stale.unlink()
         chosen: set[str] = set()
         for candidate in found:
@@ -373,7 +373,7 @@ def write_dataset(out: str | os.PathLike, class_names: list[str], candidates: li
         print(f"{out}: already complete ({report.total} images), nothing to do", file=sys.stderr)
     else:
         text = "".join(f"{folder}\t{name}\n" for folder, name in wanted)
-        write_text_atomic(class_file, text)
+        write_atomic(class_file, text.encode("utf-8"))  # durable: it marks the output complete
     return report
 
 
@@ -391,25 +391,4 @@ def save_atomic(img: Image.Image, dest: Path, fmt: str) -> None:
     A killed run leaves either no file or a whole one, never a torn image. No fsync per image:
     this guards against an interrupted process, and a lost file after a power cut is re-made.
     """
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt.upper())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file atomically and durably (temp file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, lambda f: img.save(f, format=fmt.upper()), durable=False)

@@ -7,24 +7,23 @@ only ever read with `torch.load(weights_only=True)`: a weights file cannot run c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
 from edgetune.convert.spec import preprocessing
 from edgetune.errors import UserError
+from edgetune.runtime.atomic import write_atomic
 
 B0_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b0-355c32eb.pth"
 CACHE_DIR = Path.home() / ".cache" / "edgetune" / "weights"
@@ -111,22 +110,21 @@ def download(url: str, cache_dir: str | os.PathLike) -> str:
     print(f"downloading {url} to {target}", file=sys.stderr)
     want = re.search(r"-([0-9a-f]{8,})\.", target.name)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+
+    def fetch(out: BinaryIO) -> None:
+        with urllib.request.urlopen(url, timeout=30) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
         if want and not digest.hexdigest().startswith(want.group(1)):
             raise UserError(f"{url}: downloaded bytes do not match the hash {want.group(1)} in the file name")
-        os.replace(tmp, target)
+
+    try:
+        write_atomic(target, fetch)
     except (urllib.error.URLError, OSError) as e:
         why = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise UserError(f"cannot download {url} ({why}); download it on a machine "
                         f"with network access and pass --weights FILE") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return str(target)
 
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from edgetune import __version__
 from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss
 from edgetune.errors import UserError
 from edgetune.host.net import TransferNet
+from edgetune.runtime.atomic import write_atomic
 
 INPUT_NAME, OUTPUT_NAME, LABEL_NAME = "data", "logits", "label"
 
@@ -102,7 +102,7 @@ def export(net: nn.Module, trainable: Iterable[nn.Parameter | str], loss: str = 
         raise RuntimeError(f"exporter renamed trainable parameters {missing}; cannot mark them trainable")
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
-    return _write_atomic(path, model.SerializeToString())
+    return write_atomic(path, model.SerializeToString())
 
 
 def _trainable_names(net: nn.Module, trainable: Iterable[nn.Parameter | str]) -> list[str]:
@@ -129,19 +129,3 @@ def _to_onnx(net: nn.Module, dummy: torch.Tensor) -> Any:
                                     opset_version=18, dynamic_shapes=({0: batch},), verbose=False,
                                     optimize=False)  # its optimizer drops an all-zero (trainable) bias
     return program.model_proto
-
-
-def _write_atomic(path: str, data: bytes) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path

@@ -19,10 +19,11 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from edgetune.runtime.atomic import write_atomic
 
 
 class FeatureCache:
@@ -88,9 +89,9 @@ class FeatureCache:
         digest = hashlib.sha256(data).hexdigest()
         seg = hashlib.sha256(digest.encode() + "\n".join(keys).encode()).hexdigest()[:24]
         base = os.path.join(self.directory, seg)
-        _atomic_write(base + ".f32", data)  # data first ...
+        write_atomic(base + ".f32", data)  # data first ...
         index = {"version": 1, "keys": keys, "shape": list(rows.shape), "dtype": "float32", "sha256": digest}
-        _atomic_write(base + ".json", json.dumps(index).encode())  # ... then the index that vouches for it
+        write_atomic(base + ".json", json.dumps(index).encode())  # ... then the index that vouches for it
         return np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=rows.shape)
 
     def _load_segments(self) -> None:
@@ -130,29 +131,6 @@ def _verified_segment(base: str) -> tuple[list[str], np.memmap] | None:
         return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old state or the whole file."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def namespace_for(model_sha256: str, preprocessing: dict, output: str) -> str:

@@ -29,11 +29,12 @@ import math
 import os
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from edgetune.runtime.atomic import write_atomic
 
 MAGIC = b"EDGETOD\x00"
 MAJOR, MINOR = 1, 0
@@ -218,10 +219,11 @@ def _tensor(name: str, entry: dict[str, Any], raw: memoryview) -> np.ndarray:
 
 
 def save_file(tod: TodFile, path: str | os.PathLike) -> str:
-    """Write atomically: temp file in the same directory, fsync, rename, fsync the directory.
+    """Write atomically (edgetune.runtime.atomic): temp file, fsync, rename, fsync the directory.
 
     A crash at any point leaves either the old file or the new one, never a torn one. The temp file
-    is `.<name>.<random>.partial`, so a crash's leftover never matches `*.tod`.
+    is `.<name>.<random>.partial`, so a crash's leftover never matches `*.tod`. A replaced file
+    keeps its permissions; a new one gets rw-r--r-- less the umask.
 
     Returns:
         The path written.
@@ -230,53 +232,7 @@ def save_file(tod: TodFile, path: str | os.PathLike) -> str:
         OSError: the write failed (full disk, no permission, ...); the message names `path`, the
             temp file is removed and any previous file at `path` is untouched.
     """
-    path = os.fspath(path)
-    data = save(tod)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot save {path}: {e.strerror}") from e
-    try:
-        os.fchmod(fd, _mode_for(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot save {path}: {e.strerror}") from e
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return path
-
-
-def _mode_for(path: str) -> int:
-    """The permissions the saved file gets: those of the file it replaces, else rw-r--r-- less the umask.
-
-    mkstemp creates its file 0600; without this a checkpoint would be private where the model it
-    came from was not.
-    """
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mask = os.umask(0o022)  # read the umask (set and put back; there is no getter)
-        os.umask(mask)
-        return 0o644 & ~mask
+    return write_atomic(path, save(tod))
 
 
 def load_file(path: str | os.PathLike, *, verify: bool = True) -> TodFile:

@@ -20,6 +20,7 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
+from edgetune.runtime.atomic import write_atomic
 from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
 from edgetune.runtime.layers import Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
 from edgetune.runtime.meta import check_head, check_meta
@@ -390,7 +391,8 @@ class TrainSession:
     def export_inference(self, path: str | os.PathLike) -> str:
         """Write one standard ONNX classifier: frozen graph + trained head, input data -> `logits`.
 
-        Runs anywhere onnxruntime runs, without edgetune. Dropout is left out (inference).
+        Runs anywhere onnxruntime runs, without edgetune. Dropout is left out (inference). Written
+        atomically, like `save`.
 
         Returns:
             The path written.
@@ -399,14 +401,7 @@ class TrainSession:
 
         model = append_head(self._frozen_blob, self._frozen_io[1], self._meta["head"],
                             {n: p.data for n, p in self.params.items()}, output="logits")
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(model)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, model)
 
     def __repr__(self) -> str:
         mode = "train" if self.training else "eval"
