@@ -137,8 +137,8 @@ def test_images_decodes_only_the_requested_files(tmp_path: Path, monkeypatch: py
     root = make_dataset(tmp_path / "ds", [("0", "x"), ("1", "y")], per_class=10)
     ds = load_dataset(root, small_pre())
     opened: list[str] = []
-    real = dataset_module.open_image
-    monkeypatch.setattr(dataset_module, "open_image", lambda p: (opened.append(p), real(p))[1])
+    real = dataset_module.decode_image
+    monkeypatch.setattr(dataset_module, "decode_image", lambda p: (opened.append(p), real(p))[1])
     batch = ds.train.images(np.array([4, 1]))
     assert opened == [ds.train.paths[4], ds.train.paths[1]]
     assert batch.shape == (2, 3, 8, 8)

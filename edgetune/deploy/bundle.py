@@ -1,7 +1,7 @@
 """The offline runtime bundle: edgetune's own wheel plus the device wheels for the target.
 
 The device installs from this folder with `pip install --no-index --find-links wheels`, so it
-needs no network and never sees torch: only the `device` extra (numpy, onnxruntime, Pillow) and
+needs no network and never sees torch: only the `device` extra (numpy, onnxruntime) and
 their dependencies are downloaded, as binary wheels for the target's platform and Python.
 """
 

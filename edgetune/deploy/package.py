@@ -4,7 +4,7 @@
 package-<target>/
   model/<name>.tod        the device model
   dataset/                classes.txt + one BMP folder per class
-  wheels/                 edgetune + numpy, onnxruntime, Pillow (offline install)
+  wheels/                 edgetune + numpy, onnxruntime (offline install)
   eval_untrained.sh train.sh eval.sh
 ```
 The scripts create `.venv/` from `wheels/` on their first run and keep the feature cache in

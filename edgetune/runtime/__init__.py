@@ -1,4 +1,4 @@
-"""The device runtime: numpy + onnxruntime (+ Pillow for images). Never torch, never onnx."""
+"""The device runtime: numpy + onnxruntime (Pillow optional, for non-BMP images). Never torch, never onnx."""
 
 from edgetune.runtime.cache import FeatureCache
 from edgetune.runtime.callbacks import (AccuracyMonitor, Callback, CheckpointSaver, CosineLR, JsonlLogger,

@@ -1,4 +1,4 @@
-"""The device-side dataset loader: a class-per-folder image tree split 60/20/20, Pillow + numpy only.
+"""The device-side dataset loader: a class-per-folder image tree split 60/20/20, numpy (+ Pillow if needed).
 
 Layout (written by `edgetune prepare-data`): `DIR/classes.txt` (UTF-8, one line per class,
 `<folder>\\t<class name>`; line k is label k) and `DIR/<folder>/*` images. Labels come from the
@@ -9,11 +9,17 @@ Split rule (the seed's, applied per class so it stays stratified): a class's usa
 file name, the image at index i goes to validation when i % 5 == 0, to test when i % 5 == 1 and to
 train otherwise. With 100 images per class that is 60 train / 20 test / 20 validation.
 
-Every file is checked once at load time (read, sha256 of its bytes as the per-sample key, then
-`PIL.Image.open` + `verify` + a full decode), so an unreadable, truncated, empty or non-image file
-is skipped with a warning there and never surfaces mid-training. Images that claim more than
-`MAX_PIXELS` pixels (decompression bombs) are refused the same way. `Split.images` decodes only
-the files asked for, so memory stays at one batch.
+Every file is checked once at load time (read, sha256 of its bytes as the per-sample key, then a
+full decode), so an unreadable, truncated, empty or non-image file is skipped with a warning there
+and never surfaces mid-training. Images that claim more than `MAX_PIXELS` pixels (decompression
+bombs) are refused the same way. `Split.images` decodes only the files asked for, so memory stays
+at one batch.
+
+Decoding (`decode_image`): BMPs, what `edgetune prepare-data` writes, are read by the numpy-only
+`edgetune.runtime.bmp` (as the seed's device code reads its BMPs itself), so the device needs no
+image library. Pillow is imported only for other formats (PNG, JPEG, ...), BMP kinds that reader
+does not handle, and images not already at the model's size (resize/crop); without Pillow such a
+file is skipped at load time with a reason that says `pip install pillow`.
 
 Preprocessing follows the model's `meta["preprocessing"]` (docs/FORMAT.md): resize the shorter
 side to `resize_shorter` (skipped when null, and skipped altogether for an image already at
@@ -31,12 +37,16 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from edgetune.errors import UserError
+from edgetune.runtime.bmp import BmpError, BmpUnsupported, decode_bmp
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CLASS_FILE = "classes.txt"
 MAX_PIXELS = 64 * 1024 * 1024  # refuse images over 64 Mpx: any real photo fits, a bomb does not
@@ -45,6 +55,55 @@ SPLITS = ("train", "test", "validation")
 
 class BadImage(Exception):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
+
+
+def pillow() -> ModuleType:
+    """`PIL.Image`, imported on first need: the device decodes its BMPs without it.
+
+    Raises:
+        BadImage: Pillow is not installed (the file needing it is skipped, with this reason).
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise BadImage("needs Pillow (not installed) to decode or resize it: "
+                       "pip install pillow (or edgetune[images])") from None
+    return Image
+
+
+def read_bytes(data: bytes | str | os.PathLike) -> bytes:
+    """The file's bytes (`data` itself when already bytes); `BadImage` if unreadable or empty."""
+    if not isinstance(data, bytes):
+        try:
+            data = Path(data).read_bytes()
+        except OSError as e:
+            raise BadImage(f"unreadable ({e.strerror or e})") from e
+    if not data:
+        raise BadImage("empty file")
+    return data
+
+
+def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
+    """Decode one image to RGB pixels: BMPs with the numpy reader, anything else with Pillow.
+
+    Args:
+        data: the file's bytes, or its path.
+
+    Returns:
+        (height, width, 3) uint8 RGB; for a BMP identical to Pillow's `open_image`.
+
+    Raises:
+        BadImage: unreadable, empty, malformed, too large, or not a BMP while Pillow is missing.
+    """
+    data = read_bytes(data)
+    if data[:2] == b"BM":
+        try:
+            return decode_bmp(data, MAX_PIXELS)
+        except BmpUnsupported:
+            pass  # a valid BMP kind the reader skips (RLE, 16-bit, ...): Pillow's
+        except BmpError as e:
+            raise BadImage(str(e)) from None
+    return np.asarray(open_image(data))
 
 
 def open_image(data: bytes | str | os.PathLike) -> Image.Image:
@@ -65,28 +124,23 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
     Raises:
         BadImage: empty, truncated, not an image, or too large.
     """
-    if not isinstance(data, bytes):
-        try:
-            data = Path(data).read_bytes()
-        except OSError as e:
-            raise BadImage(f"unreadable ({e.strerror or e})") from e
-    if not data:
-        raise BadImage("empty file")
+    data = read_bytes(data)
+    pil = pillow()
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error", pil.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # "palette images with transparency" etc.
         try:
-            with Image.open(io.BytesIO(data)) as probe:
+            with pil.open(io.BytesIO(data)) as probe:
                 check_size(probe.size)
                 probe.verify()
-            img = Image.open(io.BytesIO(data))
+            img = pil.open(io.BytesIO(data))
             img.load()
             return img if img.mode == "RGB" else to_rgb(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (pil.DecompressionBombError, pil.DecompressionBombWarning) as e:
             raise BadImage(f"refused: decompression bomb ({e})") from e
         except BadImage:
             raise
-        except Image.UnidentifiedImageError as e:
+        except pil.UnidentifiedImageError as e:
             raise BadImage("not an image") from e
         except Exception as e:  # Pillow's decoders raise many types on corrupt data (OSError, SyntaxError,
             # struct.error, ValueError, ...): each means the same, this file cannot be used
@@ -103,7 +157,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode.startswith("I;16") or img.mode == "I":
         pixels = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
-        img = Image.fromarray(pixels.astype(np.uint8), "L")
+        img = pillow().fromarray(pixels.astype(np.uint8), "L")
     return img.convert("RGB")
 
 
@@ -120,11 +174,14 @@ def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
     return (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
 
 
-def resize_shorter(img: Image.Image, shorter: int, resample: int = Image.BILINEAR) -> Image.Image:
-    """Scale `img` so its shorter side is `shorter`, keeping the aspect ratio (torchvision's rounding)."""
+def resize_shorter(img: Image.Image, shorter: int, resample: int | None = None) -> Image.Image:
+    """Scale `img` so its shorter side is `shorter`, keeping the aspect ratio (torchvision's rounding).
+
+    `resample` is a Pillow filter; None means bilinear.
+    """
     if min(img.size) == shorter:
         return img
-    return img.resize(shorter_side_size(img.size, shorter), resample)
+    return img.resize(shorter_side_size(img.size, shorter), pillow().BILINEAR if resample is None else resample)
 
 
 def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
@@ -139,7 +196,7 @@ def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
 
 
 def resize_and_crop(img: Image.Image, shorter: int | None, height: int, width: int,
-                    resample: int = Image.BILINEAR) -> Image.Image:
+                    resample: int | None = None) -> Image.Image:
     """`resize_shorter(img, shorter)` then `center_crop(..., height, width)`, resizing only the window.
 
     The shorter side goes to `shorter` (None: size kept); an image still smaller than the crop has
@@ -147,7 +204,8 @@ def resize_and_crop(img: Image.Image, shorter: int | None, height: int, width: i
     computed, through Pillow's `resize(box=...)`: the same filter taps at the same source
     positions as resizing the whole image and cropping (equal within 1 grey level, float
     rounding), but memory is that of the crop. Resizing the whole image first is a memory bomb
-    for a strip: 100000x4 pixels (0.4 Mpx) at a 256 shorter side would be 6.4 Gpx.
+    for a strip: 100000x4 pixels (0.4 Mpx) at a 256 shorter side would be 6.4 Gpx. `resample` is a
+    Pillow filter; None means bilinear.
     """
     w, h = img.size
     new = shorter_side_size((w, h), shorter) if shorter and min(w, h) != shorter else (w, h)
@@ -158,7 +216,7 @@ def resize_and_crop(img: Image.Image, shorter: int | None, height: int, width: i
     left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))
     sx, sy = w / new[0], h / new[1]  # source pixels per resized pixel
     box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-    return img.resize((width, height), resample, box=box)
+    return img.resize((width, height), pillow().BILINEAR if resample is None else resample, box=box)
 
 
 def read_class_file(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -195,18 +253,21 @@ def read_class_file(path: str | os.PathLike) -> list[tuple[str, str]]:
     return pairs
 
 
-def preprocess(img: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
+def preprocess(img: Image.Image | np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
     """Turn one RGB image into a (3, H, W) float32 array as the model's `preprocessing` says.
 
     Args:
-        img: an RGB image (see `open_image`).
+        img: an RGB image (see `open_image`) or its (H, W, 3) uint8 pixels (see `decode_image`);
+            pixels already at the model's size need no Pillow.
         preprocessing: `meta["preprocessing"]` of the model (docs/FORMAT.md).
 
     Returns:
         `(p * scale - mean[c]) / std[c]` per channel, after resize and center crop.
     """
     height, width = (int(v) for v in preprocessing["size"])
-    if img.size != (width, height):
+    if isinstance(img, np.ndarray) and img.shape[:2] != (height, width):
+        img = pillow().fromarray(img)
+    if not isinstance(img, np.ndarray) and img.size != (width, height):
         shorter = preprocessing.get("resize_shorter")
         img = resize_and_crop(img, int(shorter) if shorter else None, height, width)
     pixels = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
@@ -275,7 +336,7 @@ class Split:
         out = np.empty((len(chosen), 3, height, width), np.float32)
         for row, i in enumerate(chosen):
             try:
-                out[row] = preprocess(open_image(self.paths[i]), self.preprocessing)
+                out[row] = preprocess(decode_image(self.paths[i]), self.preprocessing)
             except BadImage as e:
                 raise UserError(f"{self.paths[i]}: {e} (it changed since the dataset was loaded)") from None
         return out
@@ -311,15 +372,17 @@ def list_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def check_file(path: Path) -> str:
-    """Read and fully check one image file; return the sha256 hex of its bytes (`BadImage` if unusable)."""
+def check_file(path: Path, size: tuple[int, int]) -> str:
+    """Read and fully check one image file; return the sha256 hex of its bytes (`BadImage` if unusable).
+
+    An image not at the model's `size` (H, W) also needs Pillow for its resize: that is checked
+    here too, so a missing Pillow shows at load time, never mid-training.
+    """
     if not path.is_file():
         raise BadImage("not a regular file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BadImage(f"unreadable ({e.strerror or e})") from e
-    open_image(data)
+    data = read_bytes(path)
+    if decode_image(data).shape[:2] != size:
+        pillow()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -348,6 +411,7 @@ def load_dataset(data_dir: str | os.PathLike, preprocessing: dict[str, Any], *,
     if num_classes is not None and len(classes) != num_classes:
         raise UserError(f"{root} has {len(classes)} classes but the model has {num_classes}: "
                         f"export the model with --num-classes {len(classes)} or use another dataset")
+    size = tuple(int(v) for v in preprocessing["size"])
     parts: dict[str, tuple[list[str], list[int], list[str]]] = {s: ([], [], []) for s in SPLITS}
     skipped: list[tuple[str, str]] = []
     for label, (folder, name) in enumerate(classes):
@@ -357,7 +421,7 @@ def load_dataset(data_dir: str | os.PathLike, preprocessing: dict[str, Any], *,
         usable: list[tuple[Path, str]] = []
         for path in list_files(class_dir):
             try:
-                usable.append((path, check_file(path)))
+                usable.append((path, check_file(path, size)))
             except BadImage as e:
                 skipped.append((str(path), str(e)))
                 print(f"warning: skipped {path}: {e}", file=sys.stderr)
