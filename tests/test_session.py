@@ -219,17 +219,18 @@ def test_update_overflow_is_undone(tiny_tod) -> None:
         assert np.array_equal(value, slots[key]), key
 
 
-def test_onnxruntime_telemetry_is_off() -> None:
+@pytest.mark.parametrize("module", ["edgetune.runtime", "edgetune.convert.frozen"])
+def test_onnxruntime_telemetry_is_off(module: str) -> None:
     """ORT_DISABLE_TELEMETRY=1 is in the environment at the moment onnxruntime is first imported
-    (an import hook records it), which is when onnxruntime reads it."""
-    script = textwrap.dedent("""
+    (an import hook records it), which is when onnxruntime reads it: on the device and the host."""
+    script = textwrap.dedent(f"""
         import os, sys
         class Spy:
             def find_spec(self, name, path=None, target=None):
                 if name == "onnxruntime":
                     print(os.environ.get("ORT_DISABLE_TELEMETRY"))
         sys.meta_path.insert(0, Spy())
-        import edgetune.runtime
+        import {module}
     """)
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)

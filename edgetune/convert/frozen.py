@@ -18,10 +18,10 @@ import tempfile
 import numpy as np
 import onnx
 import onnx.version_converter
-import onnxruntime as ort
 import onnxscript.optimizer
 
 from edgetune.errors import UserError
+from edgetune.runtime.ort import ort
 
 OPSET = 18
 IR_VERSION = 8

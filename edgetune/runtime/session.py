@@ -25,12 +25,8 @@ from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
 from edgetune.runtime.layers import Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
 from edgetune.runtime.meta import check_head, check_meta
 from edgetune.runtime.optim import make_optimizer
+from edgetune.runtime.ort import ort
 
-# onnxruntime's official builds send usage telemetry (1DS) unless this is set before it initializes;
-# a device training on private photos must not phone home. This module is the runtime's one import
-# of onnxruntime, so setting it here covers every session (setdefault: an explicit "0" wins).
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime as ort  # noqa: E402 - must follow the environment setting above
 
 AfterCallback = Callable[[dict[str, np.ndarray]], None]
 
