@@ -76,10 +76,6 @@ class TodFile:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
 
-    def blob_sha256(self, name: str) -> str:
-        """The hex SHA-256 of a blob, as recorded in the file (used as a cache key)."""
-        return hashlib.sha256(self.blobs[name]).hexdigest()
-
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
