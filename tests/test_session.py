@@ -306,3 +306,19 @@ def test_lite0_cache_is_exact_and_export_matches(lite0_tod, tmp_path) -> None:
               "assert not any(m.split('.')[0] in ('torch', 'onnx', 'edgetune') for m in sys.modules)\n")
     subprocess.run([sys.executable, "-c", script], check=True)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_round_trip_and_bad_values_change_nothing(tiny_tod) -> None:
+    session = TrainSession.create(tiny_tod(head="mlp"))
+    before = session.parameters()
+    doubled = {n: 2 * v for n, v in before.items()}
+    session.load_parameters(doubled)
+    assert all(np.array_equal(session.parameters()[n], doubled[n]) for n in before)
+    session.parameters()["head.0.weight"][...] = 0  # a copy: the session is not changed through it
+    assert np.array_equal(session.parameters()["head.0.weight"], doubled["head.0.weight"])
+    bad = {**doubled, "head.4.bias": np.full_like(doubled["head.4.bias"], np.nan)}
+    with pytest.raises(UserError, match="head.4.bias"):
+        session.load_parameters(bad)
+    with pytest.raises(UserError, match="missing"):
+        session.load_parameters({n: v for n, v in doubled.items() if n != "head.0.bias"})
+    assert all(np.array_equal(session.parameters()[n], doubled[n]) for n in before)

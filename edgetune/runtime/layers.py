@@ -13,17 +13,7 @@ from typing import Any
 
 import numpy as np
 
-
-class Parameter:
-    """A trainable tensor with its gradient; `name` is the torch name (`head.weight`)."""
-
-    def __init__(self, name: str, data: np.ndarray) -> None:
-        self.name = name
-        self.data = np.ascontiguousarray(data, dtype=np.float32)
-        self.grad = np.zeros_like(self.data)
-
-    def __repr__(self) -> str:
-        return f"Parameter({self.name!r}, shape={self.data.shape})"
+from edgetune.runtime.ops.base import Parameter
 
 
 class Layer:

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -201,6 +201,33 @@ class TrainSession:
     def step(self) -> int:
         """Optimizer steps taken over the model's whole life (kept across checkpoints)."""
         return self._optimizer.step_count
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable tensors by name (to average across devices, inspect, or compare)."""
+        return {n: p.data.copy() for n, p in self.params.items()}
+
+    def load_parameters(self, values: Mapping[str, np.ndarray]) -> None:
+        """Replace the trainable tensors (e.g. with a federated average); optimizer state and step are kept.
+
+        Args:
+            values: every trainable tensor by name, each of its parameter's shape, finite.
+
+        Raises:
+            UserError: a missing or unknown name, a wrong shape, or a non-finite value; nothing is changed then.
+        """
+        names, given = set(self.params), set(values)
+        if names != given:
+            raise UserError(f"parameters must be exactly {sorted(names)}; missing {sorted(names - given)}, "
+                            f"unknown {sorted(given - names)}")
+        arrays = {}
+        for n, p in self.params.items():
+            a = np.asarray(values[n])
+            if a.shape != p.data.shape or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+                raise UserError(f"parameter {n}: expected finite numbers of shape {p.data.shape}, "
+                                f"got {a.dtype} {a.shape}")
+            arrays[n] = a
+        for n, a in arrays.items():
+            self.params[n].data[...] = a
 
     def seed(self, seed: int) -> None:
         """Reseed the dropout generator (a fresh run; a checkpoint restores its saved state instead)."""

@@ -1,0 +1,85 @@
+"""The op table: each differentiable op of the trainable part is one class registered here.
+
+One entry says what an op accepts (its ONNX `op_type` and attributes with their defaults) and how it
+runs forward and backward. The converter asks this table whether the device can train a node, the
+engine runs the entries, the inference exporter writes them back as ONNX nodes: a new op is one
+class plus its tests (tinygrad's `ops.py` + `function.py`, onnx's op schemas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable tensor with its gradient; `name` is the torch name (`head.weight`)."""
+
+    def __init__(self, name: str, data: np.ndarray) -> None:
+        self.name = name
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.grad = np.zeros_like(self.data)
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.data.shape})"
+
+
+class UnknownOp(ValueError):
+    """An op type the engine cannot run or differentiate."""
+
+
+class Op:
+    """One node of the trainable graph: `forward` keeps what `backward` needs.
+
+    `forward(*inputs)` takes the node's input arrays in ONNX input order (activations, parameters,
+    buffers, constants alike) and returns its one output. `backward(grad)` returns one gradient per
+    input, in the same order; it may return None for input i when `needs_grad[i]` is False (the
+    engine sets that: a constant, a buffer, or the cut tensor nobody differentiates).
+    """
+
+    op_type: ClassVar[str] = ""
+    attributes: ClassVar[Mapping[str, Any]] = {}  # accepted ONNX attributes and their defaults
+    training: bool = True
+
+    def __init__(self, **attrs: Any) -> None:
+        unknown = sorted(set(attrs) - set(self.attributes))
+        if unknown:
+            raise UnknownOp(f"{self.op_type}: unsupported attributes {unknown}; accepted: {sorted(self.attributes)}")
+        self.attrs = {**self.attributes, **attrs}
+        self.needs_grad: tuple[bool, ...] = ()
+
+    def forward(self, *inputs: np.ndarray) -> np.ndarray:  # pragma: no cover - every op overrides it
+        raise NotImplementedError
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:  # pragma: no cover - idem
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.attrs.items() if self.attributes.get(k) != v}
+        return f"{self.op_type}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+OPS: dict[str, type[Op]] = {}
+
+
+def register_op(op_type: str) -> Callable[[type[Op]], type[Op]]:
+    """Class decorator: enter an `Op` subclass in `OPS` under its ONNX op type."""
+
+    def enter(cls: type[Op]) -> type[Op]:
+        if op_type in OPS:
+            raise ValueError(f"op {op_type} is registered twice ({OPS[op_type].__name__}, {cls.__name__})")
+        cls.op_type = op_type
+        OPS[op_type] = cls
+        return cls
+
+    return enter
+
+
+def get_op(op_type: str) -> type[Op]:
+    """The registered class of `op_type`; `UnknownOp` listing the known ones otherwise."""
+    try:
+        return OPS[op_type]
+    except KeyError:
+        raise UnknownOp(f"op {op_type!r} cannot be trained on the device; known: {', '.join(sorted(OPS))}") from None
