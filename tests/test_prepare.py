@@ -244,6 +244,54 @@ def write_idx(path: Path, array: np.ndarray, code: int = 0x08, compress: bool = 
     path.write_bytes(gzip.compress(data) if compress else data)
 
 
+def fake_fashion(src: Path, test_per_class: int, train_per_class: int | None) -> dict[str, np.ndarray]:
+    """IDX files of a small Fashion-MNIST: classes interleaved, each image filled with its index."""
+    src.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for split, per in (("t10k", test_per_class), ("train", train_per_class)):
+        if per is None:
+            continue
+        labels = np.tile(np.arange(10, dtype=np.uint8), per)
+        images = np.repeat(np.arange(len(labels), dtype=np.uint8)[:, None, None], 28, 1).repeat(28, 2)
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", labels, compress=True)
+        made[split] = labels
+    return made
+
+
+def test_fashion_mnist_takes_the_train_split_only_beyond_the_test_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    fake_fashion(src, test_per_class=2, train_per_class=None)  # no train files: not needed for 2 per class
+    prepare_fashion_mnist(tmp_path / "small", per_class=2, source=src)
+    assert sorted(os.listdir(tmp_path / "small" / "3")) == ["t10k_00003.bmp", "t10k_00013.bmp"]
+    with pytest.raises(UserError, match="train split not found.*apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(tmp_path / "big", per_class=3, source=src)
+    fake_fashion(src, test_per_class=2, train_per_class=3)
+    report = prepare_fashion_mnist(tmp_path / "big", per_class=4, source=src)
+    assert report.total == 40
+    # the test split first, then the train split, each in file order
+    assert sorted(os.listdir(tmp_path / "big" / "3")) == ["t10k_00003.bmp", "t10k_00013.bmp",
+                                                          "train_00003.bmp", "train_00013.bmp"]
+    assert pixels(tmp_path / "big" / "3" / "train_00013.bmp").max() == 13  # train image 13, not test image 13
+    assert pixels(tmp_path / "big" / "3" / "t10k_00013.bmp").min() == 13
+    with pytest.raises(UserError, match="holds 5 images of some class.*--per-class 6"):
+        prepare_fashion_mnist(tmp_path / "huge", per_class=6, source=src)
+    assert not (tmp_path / "huge").exists()  # refused before writing anything
+
+
+def test_fashion_mnist_grows_in_place_from_test_only_to_both_splits(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    fake_fashion(src, test_per_class=2, train_per_class=3)
+    out = tmp_path / "out"
+    prepare_fashion_mnist(out, per_class=2, source=src)
+    before = snapshot(out / "0")
+    report = prepare_fashion_mnist(out, per_class=5, source=src)
+    assert (report.existing, report.written) == (20, 30)
+    after = snapshot(out / "0")
+    assert {k: after[k] for k in before} == before  # the test-split images were kept, not rewritten
+    assert len(after) == 5
+
+
 def test_idx_reader(tmp_path: Path) -> None:
     grid = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     write_idx(tmp_path / "a-idx3-ubyte.gz", grid, compress=True)

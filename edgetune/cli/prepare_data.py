@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Places365 directory with val_256/ and places365_val.txt")
     source.add_argument("--images", type=Path, metavar="DIR", help="a class-per-folder image tree")
     source.add_argument("--fashion-mnist", action="store_true",
-                        help=f"Fashion-MNIST test split from {FASHION_SOURCE} (Debian dataset-fashion-mnist)")
+                        help=f"Fashion-MNIST from {FASHION_SOURCE} (Debian dataset-fashion-mnist): the test "
+                        "split, 1000 images per class; above that the train split too, up to 7000 per class")
     parser.add_argument("-o", "--output", type=Path, default=Path("dataset"), help="output directory (default: dataset)")
     parser.add_argument("--classes", type=int, nargs="+", metavar="ID",
                         help="Places365 class ids in label order (default: the seed's %s)"

@@ -34,6 +34,7 @@ SEED_CLASSES = (4, 98, 6, 7, 10, 15, 17, 70, 26, 30)
 FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_SPLITS = ("t10k", "train")  # test first: up to 1000 per class the output is the test split's
 FORMATS = ("bmp", "png")
 CROP = 224
 
@@ -177,38 +178,61 @@ def prepare_image_folder(src: str | os.PathLike, out: str | os.PathLike, resize_
 
 def prepare_fashion_mnist(out: str | os.PathLike, per_class: int = 100, source: str | os.PathLike = FASHION_SOURCE,
                           fmt: str = "bmp") -> PrepareReport:
-    """Prepare Fashion-MNIST test-split product photos, upscaled 28 -> 224 (bicubic) to RGB.
+    """Prepare Fashion-MNIST product photos, upscaled 28 -> 224 (bicubic) to RGB.
 
-    The pick is deterministic: the first `per_class` images of each class in file order.
+    The pick is deterministic: the first `per_class` images of each class in file order, from the
+    test split (`t10k_<index>`, 1000 per class) and, when more are asked for, then from the train
+    split (`train_<index>`, 6000 more per class). Up to 1000 per class the train files are not
+    read at all, and the output is what it always was.
 
     Args:
         out: output directory.
-        per_class: images per class (at most 1000, the test split's count).
-        source: directory with `t10k-images-idx3-ubyte(.gz)` and `t10k-labels-idx1-ubyte(.gz)`.
+        per_class: images per class (at most 7000: 1000 test + 6000 train).
+        source: directory with the IDX files `t10k-images-idx3-ubyte(.gz)`, `t10k-labels-idx1-ubyte(.gz)`
+            and, above 1000 per class, `train-images-idx3-ubyte(.gz)`, `train-labels-idx1-ubyte(.gz)`.
         fmt: "bmp" or "png".
 
     Returns:
         The run's report.
 
     Raises:
-        UserError: the files are missing (with the apt-get command that installs them) or broken.
+        UserError: the files are missing (with the apt-get command that installs them) or broken,
+            or more images per class are asked for than both splits hold.
     """
-    images_path = find_idx(source, "t10k-images-idx3-ubyte")
-    labels_path = find_idx(source, "t10k-labels-idx1-ubyte")
+    candidates: list[list[Candidate]] = [[] for _ in FASHION_CLASSES]
+    for split in FASHION_SPLITS:
+        if split != FASHION_SPLITS[0] and min(map(len, candidates)) >= per_class:
+            break  # the test split had enough: the train split is not read
+        images, labels, images_path = read_fashion_split(source, split)
+        for index in range(len(labels)):
+            label = int(labels[index])
+            if len(candidates[label]) < per_class:
+                candidates[label].append(Candidate(f"{split}_{index:05d}", f"{images_path}[{index}]",
+                                                   lambda a=images[index]: upscale(a, CROP)))
+    short = min(map(len, candidates))
+    if short < per_class:
+        raise UserError(f"Fashion-MNIST holds {short} images of some class (test and train splits together); "
+                        f"--per-class {per_class} asks for more")
+    return write_dataset(out, list(FASHION_CLASSES), candidates, fmt, per_class)
+
+
+def read_fashion_split(source: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, Path]:
+    """One Fashion-MNIST split (`t10k` or `train`): images (N, 28, 28) uint8, labels (N,), the images' path.
+
+    Raises:
+        UserError: files missing (with the apt-get command), shapes that do not match, unknown labels.
+    """
+    images_path = find_idx(source, f"{split}-images-idx3-ubyte")
+    labels_path = find_idx(source, f"{split}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
-        raise UserError(f"Fashion-MNIST not found in {source}: apt-get install dataset-fashion-mnist")
+        raise UserError(f"Fashion-MNIST {split} split not found in {source}: apt-get install dataset-fashion-mnist")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.shape != images.shape[:1] or images.dtype != np.uint8:
         raise UserError(f"{images_path} and {labels_path} do not match ({images.shape} images, {labels.shape} labels)")
-    candidates: list[list[Candidate]] = [[] for _ in FASHION_CLASSES]
-    for index in range(len(labels)):
-        label = int(labels[index])
-        if not 0 <= label < len(FASHION_CLASSES):
-            raise UserError(f"{labels_path}: label {label} at {index} is not a Fashion-MNIST class")
-        if len(candidates[label]) < per_class:
-            candidates[label].append(Candidate(f"t10k_{index:05d}", f"{images_path}[{index}]",
-                                               lambda a=images[index]: upscale(a, CROP)))
-    return write_dataset(out, list(FASHION_CLASSES), candidates, fmt, per_class)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(FASHION_CLASSES)))
+    if len(bad):
+        raise UserError(f"{labels_path}: label {int(labels[bad[0]])} at {int(bad[0])} is not a Fashion-MNIST class")
+    return images, labels, images_path
 
 
 def upscale(pixels: np.ndarray, size: int) -> Image.Image:
