@@ -67,23 +67,22 @@ def load_splits(data: str | os.PathLike, meta: dict) -> tuple[Split, Split, Spli
 
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield ``steps`` index batches: epochs of a seeded permutation, as edgetune's Trainer does.
+    """Yield ``steps`` index batches in exactly the order edgetune's Trainer draws them.
 
-    A batch that would cross an epoch end takes the rest from the next permutation, so every
-    batch is full (the graph's batch size is fixed in the seed).
+    The Trainer's rule (``edgetune.runtime.trainer.Trainer._next_batch``): a PCG64 generator seeded
+    with ``seed`` gives one permutation of the ``n`` train samples per epoch; batches are
+    consecutive slices of it; a batch that would run past the end starts a new epoch with a fresh
+    permutation instead (the partial tail of the old one is dropped); the batch size is at most
+    ``n``. tests/test_bench_common.py checks this against the Trainer itself.
     """
     rng = np.random.Generator(np.random.PCG64(seed))
-    order = rng.permutation(n)
-    cursor = 0
+    batch = min(batch, n)
+    order, cursor = rng.permutation(n), 0
     for _ in range(steps):
-        take, have = [], 0
-        while have < batch:
-            if cursor == n:
-                order, cursor = rng.permutation(n), 0
-            k = min(batch - have, n - cursor)
-            take.append(order[cursor:cursor + k])
-            cursor, have = cursor + k, have + k
-        yield np.concatenate(take)
+        if cursor + batch > n:
+            order, cursor = rng.permutation(n), 0
+        yield order[cursor:cursor + batch]
+        cursor += batch
 
 
 def accuracy(split: Split, predict: Callable[[np.ndarray], np.ndarray], batch: int) -> float:
