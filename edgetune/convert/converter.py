@@ -19,6 +19,7 @@ import onnx
 
 from edgetune import __version__
 from edgetune.convert import frozen
+from edgetune.convert.quantize import Int8, quantize_frozen
 from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss, optimizer_slots
 from edgetune.convert.spec import preprocessing as preset
 from edgetune.convert.split import split_head
@@ -34,12 +35,14 @@ def tod_path(output: str | os.PathLike) -> str:
     return output if output.endswith(".tod") else output + ".tod"
 
 
-def convert(model_path: str | os.PathLike, output: str | os.PathLike) -> str:
+def convert(model_path: str | os.PathLike, output: str | os.PathLike, *, quantize: Int8 | None = None) -> str:
     """Convert an exported training graph (`edgetune export`) to a `.tod`.
 
     Args:
         model_path: the `.onnx` written by `edgetune.host.export`.
         output: the model path, `.tod` appended unless present.
+        quantize: `Int8(calibration=DIR, ...)` to quantize the frozen part (edgetune.convert.quantize);
+            None keeps it fp32.
 
     Returns:
         The `.tod` path written.
@@ -57,13 +60,15 @@ def convert(model_path: str | os.PathLike, output: str | os.PathLike) -> str:
     check_loss(info["loss"])
     head = split_head(model, info["trainable"], info["input"]["name"], info["output"])
     blob, features = _frozen(model, info["input"]["name"], head.boundary, tuple(info["input"]["shape"][1:]))
-    return _write(output, info, blob, features, head.layers, head.params)
+    blob, quantization = _quantized(blob, info, quantize)
+    return _write(output, info, blob, features, head.layers, head.params, quantization)
 
 
 def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, output: str | os.PathLike, *,
                      class_names: Sequence[str] | None = None, preprocessing: str | dict[str, Any] = "lite0",
                      optimizer: SGD | Adam = SGD(), batch_size: int = 32, seed: int = 0,
-                     loss: str = "softmax_cross_entropy", backbone_name: str | None = None) -> str:
+                     loss: str = "softmax_cross_entropy", backbone_name: str | None = None,
+                     quantize: Int8 | None = None) -> str:
     """Make a `.tod` from any ONNX backbone: the graph up to tensor `cut` is frozen, a default head is added.
 
     Args:
@@ -78,6 +83,7 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
         seed: seeds the head's initial weights (numpy PCG64).
         loss: the training loss.
         backbone_name: recorded in the model; default the file's base name.
+        quantize: `Int8(calibration=DIR, ...)` to quantize the frozen part; None keeps it fp32.
 
     Returns:
         The `.tod` path written.
@@ -114,7 +120,8 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
         "preprocessing": preprocessing,
     }
     layers = [{"op": "dense", "weight": "head.weight", "bias": "head.bias"}]
-    return _write(output, info, blob, features, layers, params)
+    blob, quantization = _quantized(blob, info, quantize)
+    return _write(output, info, blob, features, layers, params, quantization)
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -140,8 +147,16 @@ def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, .
     return blob, frozen.probe(blob, input_name, chw)
 
 
+def _quantized(blob: bytes, info: dict[str, Any], spec: Int8 | None) -> tuple[bytes, dict[str, Any] | None]:
+    """The frozen part quantized as `spec` says, with its `meta.frozen.quantization` record (unchanged for None)."""
+    if spec is None:
+        return blob, None
+    return quantize_frozen(blob, info["input"]["name"], info["preprocessing"], spec, info["num_classes"])
+
+
 def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, features: int,
-           layers: list[dict[str, Any]], params: dict[str, np.ndarray]) -> str:
+           layers: list[dict[str, Any]], params: dict[str, np.ndarray],
+           quantization: dict[str, Any] | None = None) -> str:
     """Check the head's shapes against the features and classes, build the `.tod`, save it atomically."""
     width = features
     for layer in layers:
@@ -165,6 +180,8 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
         "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,
                      "seed": None, "rng_state": None, "data_cursor": None},
     }
+    if quantization is not None:
+        meta["frozen"]["quantization"] = quantization
     tensors = {f"param/{name}": np.ascontiguousarray(v, np.float32) for name, v in params.items()}
     for name, value in params.items():
         for slot in optimizer_slots(meta["optimizer"]):

@@ -71,15 +71,23 @@ def optimize(model: onnx.ModelProto) -> bytes:
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
             raise UserError(f"onnxruntime cannot load the frozen part: {e}") from None
         optimized = onnx.load(opts.optimized_model_filepath)
-    optimized.ir_version = min(optimized.ir_version, IR_VERSION)
-    # onnxruntime stamps every domain it knows (e.g. ai.onnx.ml 5), which older releases refuse: keep the used ones
-    used = {node.domain or "" for node in optimized.graph.node} | {""}
-    kept = [o for o in optimized.opset_import if (o.domain or "") in used]
-    del optimized.opset_import[:]
-    optimized.opset_import.extend(kept)
-    del optimized.metadata_props[:]
-    optimized.producer_name, optimized.producer_version = "edgetune", ""
-    return optimized.SerializeToString()
+    return portable(optimized)
+
+
+def portable(model: onnx.ModelProto) -> bytes:
+    """IR lowered to 8, only the opset domains the nodes use, no metadata; return the bytes.
+
+    onnxruntime and its quantization tools stamp every domain they know (e.g. ai.onnx.ml 5, com.microsoft),
+    which older onnxruntime releases refuse even when no node uses them.
+    """
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    used = {node.domain or "" for node in model.graph.node} | {""}
+    kept = [o for o in model.opset_import if (o.domain or "") in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    del model.metadata_props[:]
+    model.producer_name, model.producer_version = "edgetune", ""
+    return model.SerializeToString()
 
 
 def probe(blob: bytes, input_name: str, chw: tuple[int, int, int]) -> int:

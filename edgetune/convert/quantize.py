@@ -1,0 +1,283 @@
+"""Static int8 quantization of the frozen part with onnxruntime's own tools; the head stays fp32.
+
+The steps are onnxruntime's documented recipe (`onnxruntime.quantization`): `quant_pre_process`
+(symbolic shape inference + the basic optimizer), then `quantize_static` in QDQ format with
+per-channel int8 weights and uint8 activations, whose ranges come from calibration images run
+through the model's own preprocessing (`meta.preprocessing`, read from the model, never re-typed).
+The calibration images are drawn from the *train* split of the user's prepared dataset (the
+loader's 60/20/20 rule), the same number from every class, spread evenly over each class, so test
+and validation images never shape the quantized model.
+
+`reduce_range` (7-bit weights) follows onnxruntime's guidance: on x86 CPUs without VNNI the u8s8
+kernels (`vpmaddubsw`) can saturate their 16-bit sums, and 7-bit weights cannot; with VNNI
+(`avx512_vnni`, `avx_vnni`) and on ARM it is not needed. By default it is read from the converting
+machine's `/proc/cpuinfo`; the choice and why are recorded in the model, because the device that
+runs the model may be another machine (`reduce_range=True/False` decides it explicitly).
+
+The result stays a portable graph (docs/FORMAT.md): standard-domain `QuantizeLinear` /
+`DequantizeLinear` around standard ops, opset 18 (both ops are version 13 there, per-axis scales
+included, which onnxruntime 1.17 runs), IR 8. It is not optimized further offline: onnxruntime
+fuses the QDQ pairs into its int8 kernels (QLinearConv, ...) when the device loads the graph
+(ORT_ENABLE_ALL), for the CPU it runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgetune.convert import frozen
+from edgetune.data.progress import Progress
+from edgetune.errors import UserError
+from edgetune.runtime.dataset import Split, load_dataset
+from edgetune.runtime.format import TodFile, load_file, save_file
+
+SCHEMES = ("int8",)
+METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_BATCH = 1     # images per calibration run: the histogram methods need equal shapes in every run
+HELD_BATCHES = 16         # calibration runs whose activations onnxruntime holds before folding them in
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class Int8:
+    """How to quantize the frozen part to int8 (onnxruntime static quantization, QDQ format).
+
+    Args:
+        calibration: a dataset prepared by `edgetune prepare-data` (classes.txt + class folders);
+            calibration images come from its train split.
+        images: calibration images in all, the same number from every class (a class with fewer
+            train images gives all it has).
+        method: how each activation's range is chosen from the calibration outputs: `minmax`
+            (the extremes seen), `percentile` (each tensor's histogram with its `percentile` tails
+            cut) or `entropy` (the range whose 8-bit histogram keeps the most information, KL).
+        percentile: for `percentile`, the share of values kept, in percent.
+        reduce_range: 7-bit weights (see the module docstring); None decides from the host CPU.
+        per_channel: one weight scale per output channel (else one per tensor).
+        exclude: names of frozen-graph nodes left in fp32.
+    """
+
+    calibration: str | os.PathLike
+    images: int = 300
+    method: str = "percentile"
+    percentile: float = 99.999
+    reduce_range: bool | None = None
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuse bad options before any image is read.
+
+        Raises:
+            UserError: an unknown method, no images, a percentile outside (0, 100].
+        """
+        if self.method not in METHODS:
+            raise UserError(f"unknown calibration method {self.method!r}; known: {', '.join(METHODS)}")
+        if int(self.images) < 1:
+            raise UserError(f"calibration needs at least 1 image, got {self.images}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise UserError(f"the calibration percentile must be in (0, 100], got {self.percentile}")
+
+
+def host_reduce_range(cpuinfo: str | os.PathLike = "/proc/cpuinfo", machine: str | None = None) -> tuple[bool, str]:
+    """Whether this machine's CPU wants 7-bit weights (`reduce_range`), and why, in words.
+
+    Args:
+        cpuinfo: the kernel's CPU description (Linux); missing on other systems.
+        machine: `platform.machine()` (a parameter so tests can pretend).
+
+    Returns:
+        `(reduce_range, reason)`: True on x86 without a VNNI flag, False with one and on other
+        architectures (ARM's int8 kernels do not saturate).
+    """
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False, f"host CPU is {machine}, not x86: its int8 kernels do not saturate"
+    try:
+        with open(os.fspath(cpuinfo), encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return True, "host CPU flags unknown (no /proc/cpuinfo): assumed without VNNI"
+    found = [flag for flag in VNNI_FLAGS if flag in flags]
+    if found:
+        return False, f"host CPU has VNNI ({', '.join(found)})"
+    return True, f"host CPU has no VNNI ({'/'.join(VNNI_FLAGS)} absent): 7-bit weights avoid u8s8 saturation"
+
+
+def calibration_indices(labels: np.ndarray, images: int) -> np.ndarray:
+    """Pick `images` samples, the same number per class, spread evenly over each class's samples.
+
+    Args:
+        labels: the split's class ids, in sample order.
+        images: how many in all; `ceil(images / classes)` per class (all of a smaller class).
+
+    Returns:
+        Sample indices, class by class; the same inputs always give the same pick.
+    """
+    classes = np.unique(labels)
+    per_class = -(-int(images) // len(classes))
+    picked = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        take = min(per_class, len(members))
+        picked.append(members[np.linspace(0, len(members) - 1, take).round().astype(np.int64)])
+    return np.concatenate(picked)
+
+
+def quantize_frozen(blob: bytes, input_name: str, preprocessing: dict[str, Any], spec: Int8,
+                    num_classes: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Quantize an fp32 frozen graph to int8 (QDQ), calibrated on the dataset `spec.calibration`.
+
+    Args:
+        blob: the fp32 frozen graph (`frozen.optimize` output).
+        input_name: its image input.
+        preprocessing: the model's `meta.preprocessing`; calibration images go through it.
+        spec: the options.
+        num_classes: the model's class count; a dataset with another count is refused.
+
+    Returns:
+        `(quantized_blob, record)`: the portable QDQ graph and `meta.frozen.quantization`.
+
+    Raises:
+        UserError: bad options, an unusable dataset, a node to exclude that is not in the graph,
+            or a result that is not a portable graph.
+    """
+    spec.check()
+    model = onnx.load_from_string(blob)
+    names = {node.name for node in model.graph.node}
+    unknown = sorted(set(spec.exclude) - names)
+    if unknown:
+        raise UserError(f"nodes to leave in fp32 {unknown} are not in the frozen graph")
+    split = load_dataset(spec.calibration, preprocessing, num_classes=num_classes).train
+    if len(np.unique(split.labels)) < (num_classes or 1):
+        raise UserError(f"the calibration dataset {os.fspath(spec.calibration)} has classes without train "
+                        f"images (the loader's split needs 3 images per class): prepare more images")
+    picked = calibration_indices(split.labels, spec.images)
+    reduce_range, why = host_reduce_range() if spec.reduce_range is None else (
+        bool(spec.reduce_range), "set explicitly")
+    quantized = _quantize(model, input_name, split, picked, spec, reduce_range)
+    check_portable(quantized)
+    digest = hashlib.sha256("\n".join(sorted(split.keys[i] for i in picked)).encode()).hexdigest()
+    record = {
+        "scheme": "int8", "format": "QDQ", "tool": f"onnxruntime.quantization {metadata.version('onnxruntime')}",
+        "weights": "int8, symmetric", "activations": "uint8, asymmetric",
+        "per_channel": bool(spec.per_channel), "reduce_range": reduce_range, "reduce_range_reason": why,
+        "calibration": {"method": spec.method, "images": int(len(picked)), "split": split.name,
+                        "per_class": "equal, spread evenly over each class", "images_sha256": digest,
+                        **({"percentile": float(spec.percentile)} if spec.method == "percentile" else {})},
+        "nodes_excluded": sorted(spec.exclude),
+    }
+    return quantized, record
+
+
+def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8) -> str:
+    """Write a `.tod` like `model` whose frozen part is quantized; head, optimizer state and record are kept.
+
+    Args:
+        model: a `.tod` with an fp32 frozen part (from `edgetune convert`, or a checkpoint).
+        output: the new model's path, `.tod` appended unless present.
+        spec: the options.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserError: the frozen part is already quantized, or anything `quantize_frozen` refuses.
+        TodError: `model` is not a readable `.tod`.
+    """
+    from edgetune.convert.converter import tod_path
+
+    tod = load_file(os.fspath(model))
+    meta = copy.deepcopy(tod.meta)
+    if meta["frozen"].get("quantization"):
+        raise UserError(f"{os.fspath(model)}: its frozen part is already quantized "
+                        f"({meta['frozen']['quantization'].get('scheme')})")
+    name = meta["frozen"]["blob"]
+    blob, meta["frozen"]["quantization"] = quantize_frozen(bytes(tod.blobs[name]), meta["frozen"]["input"],
+                                                           meta["preprocessing"], spec, meta["num_classes"])
+    path = tod_path(output)
+    meta["name"] = os.path.basename(path)[: -len(".tod")]
+    return save_file(TodFile(meta=meta, tensors=dict(tod.tensors), blobs={**tod.blobs, name: blob}), path)
+
+
+def _quantize(model: onnx.ModelProto, input_name: str, split: Split, picked: np.ndarray, spec: Int8,
+              reduce_range: bool) -> bytes:
+    """onnxruntime's pre-process + quantize_static in a temporary directory; the portable QDQ bytes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[spec.method]
+    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": HELD_BATCHES}
+    if spec.method == "percentile":
+        extra["CalibPercentile"] = float(spec.percentile)
+    with tempfile.TemporaryDirectory(prefix="edgetune-quantize-") as tmp:
+        pre, out = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
+        # onnxruntime's calibrators print notes on stdout, where the command's results go
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(model, pre)
+            quantize_static(pre, out, _Reader(split, picked, input_name), quant_format=QuantFormat.QDQ,
+                            per_channel=spec.per_channel, reduce_range=reduce_range,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method, nodes_to_exclude=list(spec.exclude), extra_options=extra)
+        return frozen.portable(onnx.load(out))
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol: `get_next()` -> one input batch, then None."""
+
+    def __init__(self, split: Split, picked: np.ndarray, input_name: str) -> None:
+        self.split, self.picked, self.input_name = split, picked, input_name
+        self.start = 0
+        self.progress = Progress("calibrating the int8 frozen part", len(picked))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.start >= len(self.picked):
+            if self.progress.done:
+                self.progress.close()
+            return None
+        idx = self.picked[self.start:self.start + CALIBRATION_BATCH]
+        self.start += len(idx)
+        batch = {self.input_name: self.split.images(idx)}
+        self.progress.update(len(idx))
+        return batch
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def check_portable(blob: bytes) -> None:
+    """The quantized graph must stay what docs/FORMAT.md promises: standard ops at opset 18, IR <= 8.
+
+    Raises:
+        UserError: another domain, opset or IR version, or no quantized node at all.
+    """
+    model = onnx.load_from_string(blob)
+    opsets = [(o.domain or "", o.version) for o in model.opset_import]
+    domains = sorted({node.domain for node in model.graph.node if node.domain not in ("", "ai.onnx")})
+    if domains or opsets != [("", frozen.OPSET)] or model.ir_version > frozen.IR_VERSION:
+        raise UserError(f"the quantized frozen part is not portable: opsets {opsets}, IR {model.ir_version}, "
+                        f"other domains {domains}")
+    if not any(node.op_type in QDQ_OPS for node in model.graph.node):
+        raise UserError("quantization left no node in int8 (every node excluded?)")
+
+
+def quantized_nodes(blob: bytes) -> Sequence[str]:
+    """Names of the nodes of a QDQ graph that run in int8 (their inputs come from DequantizeLinear)."""
+    model = onnx.load_from_string(blob)
+    dq = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    return [node.name for node in model.graph.node
+            if node.op_type not in QDQ_OPS and any(x in dq for x in node.input)]
