@@ -3,7 +3,9 @@
 The child runs under ``/usr/bin/time -v`` (peak RSS of the whole process) and its stdout is read
 line by line, each line stamped on arrival, so every system is timed by the same clock and parser:
 wall time from just before the process starts to its exit, time to the first ``1: Loss is`` line,
-steps/s between the first and the last step line, and the final validation accuracy.
+steps/s between the first and the last step line, and the final validation accuracy. A system
+may also report a part it timed itself as a ``bench: NAME=SECONDS`` line (e.g. ``compile_s``:
+torch.compile's compile time; ``backbone_s``: the floor's inference over pre-decoded images).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 STEP = re.compile(r"^(\d+): Loss is ")
 VALIDATION = re.compile(r"^accuracy on validation data = (\S+)")
 PEAK_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+REPORTED = re.compile(r"^bench: (\w+)=(\S+)")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Run:
     step_times: list[float] = field(default_factory=list)  # arrival of each step line
     validation: float | None = None
     tail: float = 0.0                 # seconds from the last step line to exit
+    reported: dict[str, float] = field(default_factory=dict)  # `bench: NAME=VALUE` lines
 
     @property
     def steps(self) -> int:
@@ -67,6 +71,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> R
                                     stdout=subprocess.PIPE, stderr=err, text=True)
             stamps: list[float] = []
             validation = None
+            reported: dict[str, float] = {}
             for line in proc.stdout:
                 now = time.monotonic() - start
                 if STEP.match(line):
@@ -75,6 +80,8 @@ def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> R
                         print(f"  {label}: step {len(stamps)}", file=sys.stderr, flush=True)
                 elif m := VALIDATION.match(line):
                     validation = float(m.group(1))
+                elif m := REPORTED.match(line):
+                    reported[m.group(1)] = float(m.group(2))
             code = proc.wait()
             wall = time.monotonic() - start
         if code != 0:
@@ -85,4 +92,4 @@ def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> R
             rss_kb = int(PEAK_RSS.search(f.read()).group(1))
     return Run(wall=wall, peak_rss_mb=rss_kb / 1024, first_step=stamps[0] if stamps else None,
                step_times=stamps, validation=validation,
-               tail=wall - stamps[-1] if stamps else 0.0)
+               tail=wall - stamps[-1] if stamps else 0.0, reported=reported)

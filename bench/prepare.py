@@ -3,6 +3,8 @@
 - ``data/``: the Fashion-MNIST demo set, 100 images per class, by edgetune's own preparer;
 - ``transfer_learning_tod.tod``: Lite0 exported with the seed's SGD settings and converted, through
   the ``edgetune export`` / ``edgetune convert`` commands as shipped;
+- ``transfer_learning_tod_int8.tod``: the same training graph converted with ``--quantize int8``,
+  calibrated on the demo set's train split (the command's defaults);
 - ``lite0_head.onnx``: the same network (pretrained Lite0 + the ``.tod``'s head and its initial
   weights) exported by torch with a dynamic batch, for ONNX Runtime training;
 - ``ort/``: ONNX Runtime training artifacts, built in the onnxruntime-training venv.
@@ -12,6 +14,7 @@ Every step is skipped when its output exists, so repeated benchmark runs start a
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ class Work:
 
     data: Path
     model: Path
+    model_int8: Path
     lite0_head: Path
     ort: Path | None
     ort_why: str
@@ -56,22 +60,28 @@ def prepare(work: Path, ort_python: Path) -> Work:
         _say(f"Fashion-MNIST demo set -> {data}")
         prepare_fashion_mnist(data, per_class=100)
     model = work / "transfer_learning_tod.tod"
-    if not model.exists():
-        edgetune = str(Path(sys.executable).parent / "edgetune")
-        onnx_path = work / "transfer_learning_tod.onnx"
+    model_int8 = work / "transfer_learning_tod_int8.tod"
+    edgetune = str(Path(sys.executable).parent / "edgetune")
+    onnx_path = work / "transfer_learning_tod.onnx"
+    if not onnx_path.exists():
         _say("edgetune export (Lite0, seed SGD settings)")
         subprocess.run([edgetune, "export", *EXPORT_ARGS, "--class-names-from",
                         str(data / "classes.txt"), "-o", str(onnx_path)], check=True)
+    if not model.exists():
         _say("edgetune convert")
         subprocess.run([edgetune, "convert", "--model", str(onnx_path), "--output",
                         str(model)], check=True)
+    if not model_int8.exists():
+        _say("edgetune convert --quantize int8 (calibrated on the demo set)")
+        subprocess.run([edgetune, "convert", "--model", str(onnx_path), "--output", str(model_int8),
+                        "--quantize", "int8", "--calibration", str(data)], check=True)
     lite0_head = work / "lite0_head.onnx"
     if not lite0_head.exists():
         _say("torch export of Lite0 + head for ONNX Runtime training")
         export_lite0_head(model, lite0_head)
     ort = work / "ort"
     if not ort_python.exists():
-        return Work(data, model, lite0_head, None,
+        return Work(data, model, model_int8, lite0_head, None,
                     f"no onnxruntime-training venv at {ort_python.parent.parent} "
                     "(create it: see bench/run.py --help)")
     if not (ort / "optimizer_model.onnx").exists():
@@ -79,10 +89,32 @@ def prepare(work: Path, ort_python: Path) -> Work:
         done = subprocess.run([str(ort_python), str(BENCH / "ort_artifacts.py"), str(lite0_head),
                                str(ort)], capture_output=True, text=True)
         if done.returncode != 0:
-            return Work(data, model, lite0_head, None,
+            return Work(data, model, model_int8, lite0_head, None,
                         "generate_artifacts failed: " + done.stderr.strip().splitlines()[-1])
         (ort / "patch.txt").write_text(done.stdout)
-    return Work(data, model, lite0_head, ort, "")
+    return Work(data, model, model_int8, lite0_head, ort, "")
+
+
+def prepare_fashion(root: Path, per_class: int) -> Path:
+    """``root/fm<per_class>``: Fashion-MNIST at ``per_class`` images per class, prepared once.
+
+    Above 1000 per class the train split is used too; 7000 per class is about 10.5 GB of BMPs, so
+    the free space is checked first (a full disk half-way would waste an hour).
+    """
+    from edgetune.data.prepare import prepare_fashion_mnist
+
+    out = root / f"fm{per_class}"
+    if (out / "classes.txt").exists():
+        return out
+    need = per_class * 10 * 150_582 * 1.02  # a 224x224 24-bit BMP, plus the file system's share
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise SystemExit(f"{out} needs about {need / 1e9:.1f} GB, {root} has {free / 1e9:.1f} GB free: "
+                         f"pass --scaling-root on a larger disk")
+    _say(f"Fashion-MNIST {per_class} per class -> {out}")
+    prepare_fashion_mnist(out, per_class=per_class)
+    return out
 
 
 def export_lite0_head(model: Path, out: Path) -> None:

@@ -1,0 +1,158 @@
+"""Accuracy of int8 frozen parts against the fp32 one, on the same prepared dataset and the same recipes.
+
+    .venv/bin/python bench/quant_accuracy.py --fp32 lite0.tod --int8 lite0_int8.tod [more_int8.tod ...] \\
+        --data /work/data/fm300 [--seeds 0,1,2,3] [--threads 2]
+
+For every model it reports, on the dataset's validation split:
+
+- **probe**: a linear classifier trained to convergence on the model's frozen features (multinomial
+  logistic regression, L-BFGS, features standardized on the train split; the L2 weight is chosen
+  on the test split from a grid, the validation accuracy is reported), i.e. what the features allow;
+- **net_runner**: the demo's training recipe (``-c 600 --lr 0.01 --target-accuracy 1.01``) at each
+  seed, validation accuracy mean and spread: what a user gets;
+- **fidelity** of each int8 model's features to the fp32 ones on the validation images: per-image
+  cosine similarity (min, mean), relative error ``|q - f| / |f|`` (mean, max), and top-1 agreement
+  of the features (for Lite0 they are the 1000 ImageNet logits).
+
+Features are computed once per model with onnxruntime through edgetune's loader and kept in
+``--work`` (keyed by the frozen graph's SHA-256); net_runner keeps its own feature cache there too.
+Accuracy numbers do not depend on the machine's load; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from scipy.optimize import minimize
+
+import common
+
+BENCH = Path(__file__).resolve().parent
+RECIPE = ("-c", "600", "--lr", "0.01", "--target-accuracy", "1.01")
+L2_GRID = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3)  # strongest first: each fit starts from the previous one
+VALIDATION = re.compile(r"^accuracy on validation data = (\S+)", re.M)
+SPLITS = ("train", "test", "validation")
+
+
+def features(model: Path, data: Path, threads: int, work: Path) -> dict[str, np.ndarray]:
+    """The frozen features of every split, computed once per frozen graph and kept in ``work``."""
+    meta, _, frozen = common.load_model_meta(model)
+    path = work / f"features-{hashlib.sha256(frozen).hexdigest()[:16]}-{data.name}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(frozen, opts, providers=["CPUExecutionProvider"])
+    name = meta["frozen"]["input"]
+    out = {}
+    for split in common.load_splits(data, meta):
+        rows = []
+        for start in range(0, len(split), 4):
+            rows.append(sess.run(None, {name: split.images(np.arange(start, min(start + 4, len(split))))})[0])
+            print(f"\r{model.name} features {split.name}: {start + len(rows[-1])}/{len(split)}", end="",
+                  file=sys.stderr, flush=True)
+        out[split.name] = np.concatenate(rows).astype(np.float32)
+        out[f"{split.name}_labels"] = split.labels
+    print(file=sys.stderr)
+    np.savez(path, **out)
+    return out
+
+
+def probe(f: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """Converged L2 logistic regression: ``(l2, test accuracy, validation accuracy)`` at the l2 best on test."""
+    mean, std = f["train"].mean(0), f["train"].std(0) + 1e-6
+    x = {s: ((f[s] - mean) / std).astype(np.float64) for s in SPLITS}
+    y = {s: f[f"{s}_labels"] for s in SPLITS}
+    n, d = x["train"].shape
+    k = int(max(y["train"].max(), y["test"].max(), y["validation"].max())) + 1
+    onehot = np.eye(k)[y["train"]]
+    w0, best = np.zeros(d * k + k), None
+    for l2 in L2_GRID:
+        def loss_grad(w: np.ndarray, l2: float = l2) -> tuple[float, np.ndarray]:
+            weight, bias = w[:d * k].reshape(d, k), w[d * k:]
+            z = x["train"] @ weight + bias
+            z -= z.max(1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(1, keepdims=True)
+            loss = -np.mean(np.log(p[np.arange(n), y["train"]] + 1e-300)) + 0.5 * l2 * np.sum(weight * weight)
+            g = (p - onehot) / n
+            return loss, np.concatenate([(x["train"].T @ g + l2 * weight).ravel(), g.sum(0)])
+
+        w0 = minimize(loss_grad, w0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-6}).x
+        weight, bias = w0[:d * k].reshape(d, k), w0[d * k:]
+        acc = {s: float(np.mean((x[s] @ weight + bias).argmax(1) == y[s])) for s in ("test", "validation")}
+        if best is None or acc["test"] > best[1]:
+            best = (l2, acc["test"], acc["validation"])
+    return best
+
+
+def fidelity(fp32: np.ndarray, q: np.ndarray) -> dict[str, float]:
+    """Per-image agreement of quantized features ``q`` with the fp32 ones (rows are images)."""
+    cos = np.sum(fp32 * q, 1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(q, axis=1)
+    rel = np.linalg.norm(q - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
+    return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "rel_mean": float(rel.mean()),
+            "rel_max": float(rel.max()), "top1": float(np.mean(q.argmax(1) == fp32.argmax(1)))}
+
+
+def net_runner(model: Path, data: Path, seed: int, threads: int, work: Path) -> float:
+    """Validation accuracy after the demo's recipe at ``seed`` (the model copied: checkpoints land next to it)."""
+    with tempfile.TemporaryDirectory(prefix="quant-acc-") as tmp:
+        copy = Path(tmp) / model.name
+        shutil.copyfile(model, copy)
+        runner = str(Path(sys.executable).parent / "net_runner")
+        done = subprocess.run([runner, "-f", str(copy), "-d", str(data), *RECIPE, "--seed", str(seed), "-q",
+                               "--threads", str(threads), "--cache-dir", str(work / "cache")],
+                              capture_output=True, text=True, check=True)
+    return float(VALIDATION.findall(done.stdout)[-1])
+
+
+def main() -> None:
+    """Measure every model, print one markdown table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fp32", type=Path, required=True, help="the fp32 .tod")
+    p.add_argument("--int8", type=Path, nargs="+", required=True, help="int8 .tod files of the same model")
+    p.add_argument("--data", type=Path, required=True, help="a prepared dataset (e.g. 300 images per class)")
+    p.add_argument("--seeds", default="0,1,2,3", help="net_runner seeds (default 0,1,2,3; '' for none)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument("--work", type=Path, default=BENCH / ".work" / "quant", help="features and caches")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    base = features(args.fp32, args.data, args.threads, args.work)
+    rows = ["| model | calibration | probe val (test) | net_runner val, mean [min, max] over seeds "
+            "| cos min / mean | rel err mean / max | top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|"]
+    for model in [args.fp32, *args.int8]:
+        f = base if model == args.fp32 else features(model, args.data, args.threads, args.work)
+        l2, test, val = probe(f)
+        runs = [net_runner(model, args.data, s, args.threads, args.work) for s in seeds]
+        recipe = (f"{statistics.mean(runs):.4f} [{min(runs):.3f}, {max(runs):.3f}]" if runs else "—")
+        meta = common.load_model_meta(model)[0]
+        q = meta["frozen"].get("quantization")
+        calibration = "fp32" if q is None else (
+            f"{q['calibration']['method']} {q['calibration'].get('percentile', '')} "
+            f"{q['calibration']['images']} images, reduce_range {q['reduce_range']}, "
+            f"{len(q['nodes_excluded'])} nodes fp32").replace("  ", " ")
+        fid = fidelity(base["validation"], f["validation"])
+        rows.append(f"| {model.name} | {calibration} | {val:.4f} ({test:.4f}, l2 {l2:g}) | {recipe} "
+                    f"| {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} | {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} "
+                    f"| {fid['top1']:.3f} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    print(f"Dataset {args.data} (validation {len(base['validation'])} images), net_runner {' '.join(RECIPE)}, "
+          f"seeds {seeds}\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

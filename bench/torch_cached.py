@@ -1,0 +1,80 @@
+"""What the three cached PyTorch systems share: features of every split once, then a torch head trains.
+
+The systems differ only in where the features come from (PyTorch eager, tuned PyTorch, or the
+``.tod``'s frozen graph in onnxruntime); the head, its optimizer, the batch order (the Trainer's,
+``common.batch_order``), the evaluations and the checkpoints are this one loop, so the table's
+differences between them are the feature extractor's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import common
+import torch_model
+
+Extract = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 images -> (N, F) features
+
+
+def extract(split: common.Split, run: Extract, batch: int, pad: bool = False) -> torch.Tensor:
+    """Features of every image of a split, ``batch`` images at a time.
+
+    Args:
+        split: the split (decoded through edgetune's loader, batch by batch).
+        run: the feature extractor.
+        batch: images per call.
+        pad: fill the last partial batch with zero images (dropped from the result), so a compiled
+            graph sees one input shape only and never recompiles.
+    """
+    out = []
+    for start in range(0, len(split), batch):
+        idx = np.arange(start, min(start + batch, len(split)))
+        images = split.images(idx)
+        if pad and len(idx) < batch:
+            images = np.concatenate([images, np.zeros((batch - len(idx), *images.shape[1:]), images.dtype)])
+        out.append(np.asarray(run(images))[:len(idx)])
+    return torch.from_numpy(np.concatenate(out))
+
+
+def train_head(args: argparse.Namespace, meta: dict, params: dict[str, np.ndarray],
+               cached: dict[str, torch.Tensor], splits: tuple[common.Split, ...]) -> None:
+    """Train the ``.tod``'s head on cached features as the seed's loop does, printing its log.
+
+    Checkpoints hold the head and the optimizer state (the backbone never changes, so it is not
+    saved again).
+    """
+    head = torch_model.head(meta, params)
+    opt = torch_model.optimizer(meta, head.parameters())
+    labels = {s.name: torch.from_numpy(s.labels) for s in splits}
+    train = next(s for s in splits if s.name == "train")
+
+    def accuracy(name: str) -> float:
+        head.eval()
+        with torch.no_grad():
+            return float((head(cached[name]).argmax(1) == labels[name]).float().mean())
+
+    def save(name: str) -> None:
+        torch.save({"head": head.state_dict(), "optimizer": opt.state_dict()}, os.path.join(args.out, name))
+
+    log = common.SeedLog()
+    steps = common.batch_order(len(train), meta["batch_size"], args.steps, args.seed)
+    for i, idx in enumerate(steps, 1):
+        head.train()
+        t = torch.from_numpy(idx)
+        loss = nn.functional.cross_entropy(head(cached["train"][t]), labels["train"][t])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.step(i, loss.item())
+        if i % args.test_every == 0:
+            log.test(accuracy("test"))
+        if i % args.save_every == 0:
+            save(f"model_trained_{i}.pt")
+    log.validation(accuracy("validation"))
+    save("model_trained.pt")
