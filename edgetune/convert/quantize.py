@@ -47,7 +47,7 @@ from edgetune.runtime.format import TodFile, load_file, save_file
 SCHEMES = ("int8",)
 METHODS = ("minmax", "percentile", "entropy")
 CALIBRATION_BATCH = 1     # images per calibration run: the histogram methods need equal shapes in every run
-HELD_BATCHES = 16         # calibration runs whose activations onnxruntime holds before folding them in
+HELD_IMAGES = 8           # at most this many images' activations (~30 MB each for Lite0) are held at once
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -221,7 +221,14 @@ def _quantize(model: onnx.ModelProto, input_name: str, split: Split, picked: np.
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[spec.method]
-    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": HELD_BATCHES}
+    # quantize_static hands the reader to the calibrator in windows of `stride` runs, each folded into
+    # the ranges (minmax) or histograms (percentile, entropy) before the next: without it the histogram
+    # calibrators hold every run's activations at once (300 Lite0 images: ~15 GB). Not
+    # CalibMaxIntermediateOutputs: onnxruntime's MinMax calibrator drops the runs it holds when that
+    # limit is reached instead of folding them in (onnxruntime 1.32, calibrate.py).
+    reader = _Reader(split, picked, input_name)
+    stride = max(d for d in range(1, HELD_IMAGES + 1) if len(reader) % d == 0)
+    extra: dict[str, Any] = {"CalibStridedMinMax": stride}
     if spec.method == "percentile":
         extra["CalibPercentile"] = float(spec.percentile)
     with tempfile.TemporaryDirectory(prefix="edgetune-quantize-") as tmp:
@@ -229,7 +236,7 @@ def _quantize(model: onnx.ModelProto, input_name: str, split: Split, picked: np.
         # onnxruntime's calibrators print notes on stdout, where the command's results go
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(model, pre)
-            quantize_static(pre, out, _Reader(split, picked, input_name), quant_format=QuantFormat.QDQ,
+            quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ,
                             per_channel=spec.per_channel, reduce_range=reduce_range,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=method, nodes_to_exclude=list(spec.exclude), extra_options=extra)
@@ -237,26 +244,31 @@ def _quantize(model: onnx.ModelProto, input_name: str, split: Split, picked: np.
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol: `get_next()` -> one input batch, then None."""
+    """onnxruntime's CalibrationDataReader protocol: `get_next()` gives one input batch, then None;
+    `set_range` limits it to a window of batches (for `CalibStridedMinMax`), `len` counts all."""
 
     def __init__(self, split: Split, picked: np.ndarray, input_name: str) -> None:
-        self.split, self.picked, self.input_name = split, picked, input_name
-        self.start = 0
+        self.split, self.input_name = split, input_name
+        self.batches = [picked[i:i + CALIBRATION_BATCH] for i in range(0, len(picked), CALIBRATION_BATCH)]
+        self.next, self.end = 0, len(self.batches)
         self.progress = Progress("calibrating the int8 frozen part", len(picked))
 
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.next, self.end = start_index, min(end_index, len(self.batches))
+
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.start >= len(self.picked):
-            if self.progress.done:
+        if self.next >= self.end:
+            if self.progress.done == self.progress.total and self.end == len(self.batches):
                 self.progress.close()
             return None
-        idx = self.picked[self.start:self.start + CALIBRATION_BATCH]
-        self.start += len(idx)
+        idx = self.batches[self.next]
+        self.next += 1
         batch = {self.input_name: self.split.images(idx)}
         self.progress.update(len(idx))
         return batch
-
-    def rewind(self) -> None:
-        self.start = 0
 
 
 def check_portable(blob: bytes) -> None:
