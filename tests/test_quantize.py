@@ -124,12 +124,51 @@ def test_the_int8_graph_is_portable_qdq(tiny_pair) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
+def depthwise_tod(path: Path) -> str:
+    """The tiny model with a depthwise 3x3 conv (group 3) before a 1x1 conv (group 1) in its frozen part."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgetune.runtime.format import save_file
+    from tests.fixtures_runtime import TINY_FEATURES, TINY_SHAPE, tiny_model
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (3, 1, 3, 3)).astype(np.float32), "dw.w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (TINY_FEATURES, 3, 1, 1)).astype(np.float32), "pw.w")]
+    nodes = [helper.make_node("Conv", ["data", "dw.w"], ["d"], name="dw", pads=[1, 1, 1, 1], group=3),
+             helper.make_node("Relu", ["d"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "pw.w"], ["p"], name="pw"),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["features"], name="flat", axis=1)]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", *TINY_SHAPE])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", TINY_FEATURES])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    tod = tiny_model(head="dense")
+    tod.blobs["frozen.onnx"] = model.SerializeToString()
+    return save_file(tod, path)
+
+
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_spares_depthwise_weights(tiny_dataset, tmp_path, reduce_range) -> None:
+    """7-bit weights (|q| <= 64) for the 1x1 conv under reduce_range; the depthwise conv keeps 8 bits (127)."""
+    int8 = quantize_tod(depthwise_tod(tmp_path / "dw.tod"), tmp_path / "dw_int8",
+                        Int8(tiny_dataset, images=9, method="minmax", reduce_range=reduce_range))
+    tod = load_file(int8)
+    model = onnx.load_from_string(bytes(tod.blobs["frozen.onnx"]))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    peak = {name: int(np.abs(inits[f"{name}_quantized"].astype(np.int32)).max()) for name in ("dw.w", "pw.w")}
+    assert peak == {"dw.w": 127, "pw.w": 64 if reduce_range else 127}
+    q = tod.meta["frozen"]["quantization"]
+    assert q.get("eight_bit_depthwise") == (1 if reduce_range else None)
+
+
 def test_meta_records_the_quantization(tiny_pair, tiny_dataset) -> None:
     fp32, int8 = (load_file(p) for p in tiny_pair)
     q = int8.meta["frozen"]["quantization"]
     assert {k: q[k] for k in ("scheme", "format", "per_channel", "reduce_range", "nodes_excluded")} == {
         "scheme": "int8", "format": "QDQ", "per_channel": True, "reduce_range": True, "nodes_excluded": []}
     assert q["reduce_range_reason"] == "set explicitly" and q["tool"].startswith("onnxruntime.quantization ")
+    assert q["eight_bit_depthwise"] == 0  # the tiny graph's one convolution is not depthwise
     cal = q["calibration"]
     assert (cal["method"], cal["images"], cal["split"]) == ("minmax", 18, "train") and len(cal["images_sha256"]) == 64
     assert "quantization" not in fp32.meta["frozen"]
@@ -224,3 +263,41 @@ def test_cli_mistakes_are_one_line_exit_2(tiny_pair, tiny_dataset, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgetune convert: error:") and message in err[0]
     assert not os.path.exists(tmp_path / "x.tod")
+
+
+# --- the real backbone ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lite0_int8_tracks_fp32_on_real_images_and_trains(lite0_onnx, lite0_tod, fashion_dir, mini_fashion_dir,
+                                                          tmp_path, capsys) -> None:
+    """Lite0 converted with the default calibration (300 train images of the 100-per-class Fashion-MNIST set).
+
+    Tolerances, on 100 validation images the calibration never saw (features = Lite0's 1000 ImageNet
+    logits; measured on fm300's 600 validation images with the same settings: cosine min COS_MIN_MEASURED,
+    mean COS_MEAN_MEASURED, top-1 agreement TOP1_MEASURED): every image's cosine similarity to fp32 >= LITE0_COS_MIN,
+    the mean >= LITE0_COS_MEAN, and the top-1 logit the same as fp32's on >= LITE0_TOP1 of the images.
+    """
+    from edgetune.cli import net_runner
+    from edgetune.convert import convert
+
+    int8 = convert(lite0_onnx, tmp_path / "lite0_int8", quantize=Int8(fashion_dir))
+    q = load_file(int8).meta["frozen"]["quantization"]
+    assert (q["calibration"]["images"], q["calibration"]["split"]) == (300, "train")
+    fp32_session, int8_session = (TrainSession.create(p, Context(cache=False, threads=2)) for p in (lite0_tod, int8))
+    validation = load_dataset(fashion_dir, fp32_session.preprocessing).validation
+    x = validation.images(range(0, len(validation), 2))
+    a, b = fp32_session.extract_features(x), int8_session.extract_features(x)
+    cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= LITE0_COS_MIN and cosine.mean() >= LITE0_COS_MEAN
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= LITE0_TOP1
+
+    # net_runner trains it, saves a checkpoint and resumes from it exactly like an fp32 model
+    model = Path(shutil.copy(int8, tmp_path / "m.tod"))
+    args = ["-d", str(mini_fashion_dir), "--target-accuracy", "1.01", "--threads", "2", "--lr", "0.01"]
+    assert net_runner.main(["-f", str(model), "-c", "40", "-s", "20", *args]) == 0
+    whole = capsys.readouterr().out.splitlines()
+    assert net_runner.main(["-f", str(tmp_path / "m_trained_20.tod"), "-c", "20", *args]) == 0
+    resumed = capsys.readouterr().out.splitlines()
+    losses = lambda lines: [ln.split(" [")[0] for ln in lines if "Loss is" in ln]  # noqa: E731 - "i: Loss is X"
+    assert losses(resumed) == losses(whole)[20:]  # the checkpoint's data order and state carry on
+    assert resumed[-1] == whole[-1] and float(whole[-1].split("=")[1]) > 0.5  # 10 classes: chance is 0.1
