@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3", help="net_runner seeds (default 0,1,2,3; '' for none)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--work", type=Path, default=BENCH / ".work" / "quant", help="features and caches")
+    p.add_argument("--results", type=Path, help="also write the table there (e.g. bench/QUANT_ACCURACY.md)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -149,9 +151,14 @@ def main() -> None:
                     f"| {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} | {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} "
                     f"| {fid['top1']:.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    print(f"Dataset {args.data} (validation {len(base['validation'])} images), net_runner {' '.join(RECIPE)}, "
-          f"seeds {seeds}\n")
-    print("\n".join(rows))
+    text = (f"# int8 frozen part: accuracy against fp32\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"`bench/quant_accuracy.py`. Dataset {args.data.name} (train {len(base['train'])}, test "
+            f"{len(base['test'])}, validation {len(base['validation'])} images); probe: L-BFGS logistic "
+            f"regression, L2 chosen on test; net_runner {' '.join(RECIPE)} at seeds {seeds}; fidelity on the "
+            f"validation images.\n\n" + "\n".join(rows) + "\n")
+    print(text)
+    if args.results:
+        args.results.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

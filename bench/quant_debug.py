@@ -24,7 +24,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
-from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_signal_to_quantization_noice_ratio,
+from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                     compute_signal_to_quantization_noice_ratio,
+                                                     create_activation_matching,
                                                      modify_model_output_intermediate_tensors)
 
 import common
@@ -79,17 +81,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quant-debug-") as tmp:
         float_acts = activations(fp32, images, name, Path(tmp), "fp32")
         int8_acts = activations(int8, images, name, Path(tmp), "int8")
+    # each fp32 tensor against the value the int8 graph's next op consumes (its DequantizeLinear output)
+    errors = compute_activation_error(create_activation_matching(int8_acts, float_acts))
     graph = onnx.load_from_string(fp32).graph
+    # a tensor the int8 graph never materializes (a Conv output whose Clip the quantizer folded away)
+    # carries its inputs' SQNR and its node's name, so the next measured tensor's drop names both nodes
     sqnr: dict[str, float] = {name: math.inf}
+    via: dict[str, list[str]] = {}
     rows = []
     for node in graph.node:
+        before = min((sqnr[i] for i in node.input if i in sqnr), default=math.inf)
+        nodes = [n for i in node.input for n in via.get(i, [])] + [node.name]
         for out in node.output:
-            if out not in float_acts or out not in int8_acts:
-                continue
-            sqnr[out] = compute_signal_to_quantization_noice_ratio(float_acts[out], int8_acts[out])
-            before = min((sqnr[i] for i in node.input if i in sqnr), default=math.inf)
-            rows.append((node.name, node.op_type, out, sqnr[out], before - sqnr[out]))
-    print(f"{args.images} validation images of {args.data}; SQNR in dB, int8 vs fp32 (higher is better)\n")
+            if "xmodel_err" in errors.get(out, {}):
+                sqnr[out] = errors[out]["xmodel_err"]
+                rows.append((" + ".join(nodes), node.op_type, out, sqnr[out], before - sqnr[out]))
+            else:
+                sqnr[out], via[out] = before, nodes
+    print(f"{args.images} validation images of {args.data}; SQNR in dB of each quantized tensor, int8 vs fp32 "
+          f"(higher is better); drop: from the node's worst input to its output\n")
     print("| node | op | SQNR | drop |\n|---|---|---:|---:|")
     for node, op, _, value, drop in rows:
         print(f"| {node} | {op} | {value:.1f} | {drop:.1f} |")
