@@ -139,11 +139,15 @@ def _run_local(args: argparse.Namespace) -> int:
                     _show(event, out)
             if done is not None:
                 break
+            if fed.superlink is not None and fed.superlink.poll() is not None:
+                raise FederationError(f"flower-superlink exited (status {fed.superlink.returncode}) after "
+                                      f"{_last_round(out)}: see {out / 'logs' / 'superlink.log'}; run the same "
+                                      f"command again to resume")
             if proc.poll() is not None:
                 time.sleep(1)  # the last lines may still be on their way to the file
                 if not read_round_log(out, offset)[0]:
-                    raise FederationError(f"the run ended before its last round: see {out / 'logs' / 'run.log'}: "
-                                          f"{fed.log_tail('run.log')}")
+                    raise FederationError(f"the run ended after {_last_round(out)}, before round {args.rounds}: "
+                                          f"see {out / 'logs' / 'run.log'}: {fed.log_tail('run.log')}")
                 continue
             if time.monotonic() - last > stall:
                 raise FederationError(f"no round finished for {stall:g} s: see {out / 'logs'}")
@@ -158,6 +162,14 @@ def _run_local(args: argparse.Namespace) -> int:
     if args.baseline:
         _baseline(args, model, union)
     return 0
+
+
+def _last_round(out: Path) -> str:
+    """'round r' of the newest saved global model, for error messages."""
+    from edgetune.federated.coordinator import saved_rounds
+
+    rounds = saved_rounds(out)
+    return f"round {rounds[0]}" if rounds else "no round"
 
 
 def _show(event: dict[str, Any], out: Path) -> None:

@@ -296,6 +296,11 @@ class LocalFederation:
             log.close()
         self._logs.clear()
 
+    def pids(self) -> set[int]:
+        """Every process id started here or seen as a descendant (to check that none is left)."""
+        self.refresh()
+        return {p.pid for p in self._ours()} | set(self._seen)
+
     def alive(self) -> list[str]:
         """Names of our own processes still running (for checks)."""
         names = {id(self.superlink): "superlink", **{id(p): f"node_{i}" for i, p in enumerate(self.supernodes)},

@@ -63,21 +63,25 @@ class CheckedFedAvg(FedAvg):
     def __init__(self, federation: Federation, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.federation = federation
+        self._sent: list[Message] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(self.federation.first_round + server_round, arrays, config, grid))
-        self.federation.sampled([m.metadata.dst_node_id for m in messages])
-        return messages
+        self._sent = list(super().configure_train(self.federation.first_round + server_round, arrays, config, grid))
+        self.federation.sampled([m.metadata.dst_node_id for m in self._sent])
+        return self._sent
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         fed = self.federation
         server_round += fed.first_round
+        # whom a reply is from: the node its message went to (Flower's own error replies, e.g. for a
+        # node that stopped sending heartbeats, come from the superlink); message ids exist once pushed
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         usable, replies = [], list(replies)
-        fed.missing({msg.metadata.src_node_id for msg in replies})
-        for msg in replies:
-            node = msg.metadata.src_node_id
+        nodes = [sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id) for msg in replies]
+        fed.missing(set(nodes))
+        for msg, node in zip(replies, nodes):
             if msg.has_error():
                 fed.fail(node, msg.error.reason)
                 usable.append(msg)  # FedAvg logs it and leaves it out
