@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -154,9 +155,9 @@ def _run_local(args: argparse.Namespace) -> int:
             fed.refresh()
             time.sleep(0.5)
         try:
-            proc.wait(timeout=30)
-        except Exception:  # noqa: BLE001 - the run is done and saved; stopping it is the with-block's job
-            pass
+            proc.wait(timeout=30)  # `flwr run` ends once the run is marked finished
+        except subprocess.TimeoutExpired:
+            pass  # the run is done and saved; stopping it is the with-block's job
     last_round = int(done["round"])
     print(f"federated: done, round {last_round} of {args.rounds}: {global_path(out, last_round)}")
     if args.baseline:

@@ -264,13 +264,6 @@ class LocalFederation:
             _signal_group(proc.pid, sig)
             proc.wait(timeout=STOP_GRACE)
 
-    def kill_superlink(self, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the superlink's process group and reap it."""
-        self.refresh()
-        if self.superlink is not None and self.superlink.poll() is None:
-            _signal_group(self.superlink.pid, sig)
-            self.superlink.wait(timeout=STOP_GRACE)
-
     def stop(self) -> None:
         """End every process started here and all their descendants: SIGTERM, then SIGKILL."""
         self.refresh()
@@ -300,12 +293,6 @@ class LocalFederation:
         """Every process id started here or seen as a descendant (to check that none is left)."""
         self.refresh()
         return {p.pid for p in self._ours()} | set(self._seen)
-
-    def alive(self) -> list[str]:
-        """Names of our own processes still running (for checks)."""
-        names = {id(self.superlink): "superlink", **{id(p): f"node_{i}" for i, p in enumerate(self.supernodes)},
-                 **{id(p): f"run_{i}" for i, p in enumerate(self.runs)}}
-        return [names[id(p)] for p in self._ours() if p.poll() is None]
 
 
 def _signal_group(pid: int, sig: int) -> None:

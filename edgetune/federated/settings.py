@@ -47,12 +47,10 @@ class _TomlSettings:
         return cls(**values)
 
     def to_toml(self) -> str:
-        """`key = value` lines (strings JSON-quoted, which TOML basic strings accept)."""
+        """`key = value` lines: JSON's strings, numbers and booleans are valid TOML basic values."""
         lines = []
         for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
-            lines.append(f"{f.name.replace('_', '-')} = {text}")
+            lines.append(f"{f.name.replace('_', '-')} = {json.dumps(getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
 
 
