@@ -256,6 +256,33 @@ def test_a_killed_server_resumes_from_its_last_global_model(tiny, tmp_path) -> N
     assert [e["round"] for e in starts] == [0, done[0]]
 
 
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_stops_every_process(tiny, tmp_path, sig, status) -> None:
+    """Interrupted while its supernodes are up, the command stops all of them and their children."""
+    args = _cli("--model", tiny["model"], "--data", str(tiny["union"]), "--nodes", "3", "--rounds", "3",
+                "-o", str(tmp_path / "out"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while sum("flower-supernode" in cmd for cmd in seen.values()) < 3 or not (tmp_path / "out" / "logs" / "run.log").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the supernodes never started"
+            seen.update(descendants(proc.pid))
+            time.sleep(0.2)
+        seen.update(descendants(proc.pid))
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == status
+    deadline = time.monotonic() + 15
+    while alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(seen), {p: seen[p] for p in alive(seen)}
+
+
 def test_lite0_iid_federation_matches_centralized_training(lite0_tod, fashion_dir, tmp_path) -> None:
     """3 devices, IID shards of the 100-per-class demo data, Lite0: after 8 rounds of 25 local steps
     the global model is within 2 points of centralized training on the union with the same recipe
