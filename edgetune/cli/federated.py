@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import UserError
 from edgetune.federated.shards import PARTITIONS
+
+if TYPE_CHECKING:
+    from edgetune.federated.cluster import LocalFederation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +101,8 @@ class _terminate_as_exit:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from edgetune.federated.cluster import FederationError, LocalFederation, write_app
-    from edgetune.federated.coordinator import global_path, read_round_log
+    from edgetune.federated.cluster import LocalFederation, write_app
+    from edgetune.federated.coordinator import global_path
     from edgetune.federated.settings import NodeSettings, RunSettings
     from edgetune.federated.shards import write_shards
     from edgetune.runtime import TrainSession
@@ -129,31 +131,9 @@ def _run_local(args: argparse.Namespace) -> int:
     stall = settings.wait_timeout + settings.round_timeout + 120.0  # startup slack on a busy machine
     with LocalFederation(work / "flower", nodes, out / "logs") as fed:
         proc = fed.submit(app)
-        last, done = time.monotonic(), None
-        while done is None:
-            events, offset = read_round_log(out, offset)
-            for event in events:
-                last = time.monotonic()
-                if event["event"] == "done":
-                    done = event
-                else:
-                    _show(event, out)
-            if done is not None:
-                break
-            if fed.superlink is not None and fed.superlink.poll() is not None:
-                raise FederationError(f"flower-superlink exited (status {fed.superlink.returncode}) after "
-                                      f"{_last_round(out)}: see {out / 'logs' / 'superlink.log'}; run the same "
-                                      f"command again to resume")
-            if proc.poll() is not None:
-                time.sleep(1)  # the last lines may still be on their way to the file
-                if not read_round_log(out, offset)[0]:
-                    raise FederationError(f"the run ended after {_last_round(out)}, before round {args.rounds}: "
-                                          f"see {out / 'logs' / 'run.log'}: {fed.log_tail('run.log')}")
-                continue
-            if time.monotonic() - last > stall:
-                raise FederationError(f"no round finished for {stall:g} s: see {out / 'logs'}")
-            fed.refresh()
-            time.sleep(0.5)
+        print(f"federated: superlink on 127.0.0.1:{fed.port} and {args.nodes} supernodes started, run submitted",
+              flush=True)
+        done = _follow(fed, proc, out, offset, stall, args.rounds)
         try:
             proc.wait(timeout=30)  # `flwr run` ends once the run is marked finished
         except subprocess.TimeoutExpired:
@@ -163,6 +143,39 @@ def _run_local(args: argparse.Namespace) -> int:
     if args.baseline:
         _baseline(args, model, union)
     return 0
+
+
+def _follow(fed: LocalFederation, proc: subprocess.Popen, out: Path, offset: int, stall: float, rounds: int) -> dict[str, Any]:
+    """Print the server's events as `rounds.jsonl` grows until its "done" event, which is returned.
+
+    Raises:
+        FederationError: the superlink or the run died first, or no round finished for `stall` s.
+    """
+    from edgetune.federated.cluster import FederationError
+    from edgetune.federated.coordinator import read_round_log
+
+    last = time.monotonic()
+    while True:
+        events, offset = read_round_log(out, offset)
+        for event in events:
+            last = time.monotonic()
+            if event["event"] == "done":
+                return event
+            _show(event, out)
+        if fed.superlink.poll() is not None:
+            raise FederationError(f"flower-superlink exited (status {fed.superlink.returncode}) after "
+                                  f"{_last_round(out)}: see {out / 'logs' / 'superlink.log'}; run the same "
+                                  f"command again to resume")
+        if proc.poll() is not None:
+            time.sleep(1)  # the last lines may still be on their way to the file
+            if not read_round_log(out, offset)[0]:
+                raise FederationError(f"the run ended after {_last_round(out)}, before round {rounds}: "
+                                      f"see {out / 'logs' / 'run.log'}: {fed.log_tail('run.log')}")
+            continue
+        if time.monotonic() - last > stall:
+            raise FederationError(f"no round finished for {stall:g} s: see {out / 'logs'}")
+        fed.refresh()
+        time.sleep(0.5)
 
 
 def _last_round(out: Path) -> str:
