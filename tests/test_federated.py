@@ -251,6 +251,20 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, tiny_data, tiny_path, c
     assert not (tmp_path / "out" / "work" / "flower").exists()  # nothing started
 
 
+def test_one_output_folder_serves_one_run_at_a_time(tmp_path, tiny_data, tiny_path, capsys) -> None:
+    import fcntl
+
+    from edgetune.cli.main import main
+
+    (tmp_path / "out" / "work").mkdir(parents=True)
+    with open(tmp_path / "out" / "work" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a running `edgetune federated local -o out` holds it
+        assert main(["federated", "local", "--model", tiny_path, "--data", str(tiny_data),
+                     "-o", str(tmp_path / "out")]) == 2
+    assert "another `edgetune federated` is running" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "work" / "shards").exists()
+
+
 def test_the_command_help_does_not_import_flower() -> None:
     import subprocess
     import sys

@@ -11,12 +11,15 @@ resume after the last finished round (or with a larger `--rounds` to go on).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,8 @@ from edgetune.federated.shards import PARTITIONS
 
 if TYPE_CHECKING:
     from edgetune.federated.cluster import LocalFederation
+    from edgetune.runtime import TrainSession
+    from edgetune.runtime.dataset import Dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,10 +106,7 @@ class _terminate_as_exit:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from edgetune.federated.cluster import LocalFederation, write_app
     from edgetune.federated.coordinator import global_path
-    from edgetune.federated.settings import NodeSettings, RunSettings
-    from edgetune.federated.shards import write_shards
     from edgetune.runtime import TrainSession
     from edgetune.runtime.dataset import load_dataset
 
@@ -112,6 +114,20 @@ def _run_local(args: argparse.Namespace) -> int:
     model = args.model.absolute()
     session = TrainSession.create(model)
     union = load_dataset(args.data, session.preprocessing, num_classes=session.num_classes)
+    with _exclusive(out / "work"):
+        done = _federate(args, out, model, session, union)
+    print(f"federated: done, round {done} of {args.rounds}: {global_path(out, done)}")
+    if args.baseline:
+        _baseline(args, model, union)
+    return 0
+
+
+def _federate(args: argparse.Namespace, out: Path, model: Path, session: TrainSession, union: Dataset) -> int:
+    """Shards, settings, the app, the cluster; follow the run to its end. Returns the last round done."""
+    from edgetune.federated.cluster import LocalFederation, write_app
+    from edgetune.federated.settings import NodeSettings, RunSettings
+    from edgetune.federated.shards import write_shards
+
     work = out / "work"
     shards = write_shards(union, work / "shards", args.nodes, args.partition, args.seed)
     federation = hashlib.sha256(f"{out}\n{session.model_sha256}".encode()).hexdigest()[:16]
@@ -138,11 +154,19 @@ def _run_local(args: argparse.Namespace) -> int:
             proc.wait(timeout=30)  # `flwr run` ends once the run is marked finished
         except subprocess.TimeoutExpired:
             pass  # the run is done and saved; stopping it is the with-block's job
-    last_round = int(done["round"])
-    print(f"federated: done, round {last_round} of {args.rounds}: {global_path(out, last_round)}")
-    if args.baseline:
-        _baseline(args, model, union)
-    return 0
+    return int(done["round"])
+
+
+@contextlib.contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """Hold `work/.lock`: two runs on one output folder would share shards, caches and rounds."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `edgetune federated` is running with -o {work.parent}") from None
+        yield
 
 
 def _follow(fed: LocalFederation, proc: subprocess.Popen, out: Path, offset: int, stall: float, rounds: int) -> dict[str, Any]:
@@ -206,7 +230,7 @@ def _show(event: dict[str, Any], out: Path) -> None:
     print(f"round {r}: accuracy on validation data = {event['accuracy']:g}", flush=True)
 
 
-def _baseline(args: argparse.Namespace, model: Path, union: Any) -> None:
+def _baseline(args: argparse.Namespace, model: Path, union: Dataset) -> None:
     """Centralized training on the union: same optimizer, learning rate, batch and total steps."""
     from edgetune.runtime import Context, TrainSession
     from edgetune.runtime.trainer import Trainer
