@@ -32,8 +32,9 @@ args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps(["ssh", *args]) + "\\n")
 i = 0
-while args[i].startswith("-"):  # -o X, -F X, -p X: every option edgetune passes takes a value
+while args[i] != "--" and args[i].startswith("-"):  # -o X, -F X, -p X: every option edgetune passes takes a value
     i += 2
+i += args[i] == "--"  # ssh's end of options: what follows is the host, even if it starts with '-'
 host, command = args[i], " ".join(args[i + 1:])  # what ssh sends: the words joined by spaces
 sys.exit(subprocess.run(["bash", "-c", command], cwd=os.environ["FAKE_REMOTE_HOME"]).returncode)
 """
@@ -49,8 +50,8 @@ if args[0] == "get-state":
     print("device")
 elif args[0] == "shell":  # adb joins the words with spaces; the device's sh parses the string
     sys.exit(subprocess.run(["bash", "-c", " ".join(args[1:])], cwd=os.environ["FAKE_REMOTE_HOME"]).returncode)
-elif args[0] == "push":  # no shell: the remote path travels in the adb protocol
-    src, dest = args[1], args[2]
+elif args[0] == "push":  # no shell: the remote path travels in the adb protocol; `--` ends adb's options
+    src, dest = [a for a in args[1:] if a != "--"]
     shutil.copytree(src, os.path.join(dest, os.path.basename(src.rstrip("/"))))
 """
 

@@ -57,6 +57,18 @@ def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return os.path.commonpath([real, real_root]) == real_root
 
 
+def check_inside(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """The real path of `path` (links resolved), which must lie inside `root`.
+
+    Raises:
+        UnsafeFile: it leads out of `root` (the reason names where to).
+    """
+    real = os.path.realpath(path)
+    if not inside(real, root):
+        raise UnsafeFile(path, f"a link to {real}, outside {os.fspath(root)}: not followed")
+    return real
+
+
 @contextlib.contextmanager
 def open_regular(path: str | os.PathLike, *, max_bytes: int | None,
                  root: str | os.PathLike | None = None, why_cap: str = "") -> Iterator[BinaryIO]:
@@ -79,10 +91,7 @@ def open_regular(path: str | os.PathLike, *, max_bytes: int | None,
     target = os.fspath(path)
     flags = _FLAGS
     if root is not None:
-        real = os.path.realpath(target)
-        if not inside(real, root):
-            raise UnsafeFile(path, f"a link to {real}, outside {os.fspath(root)}: not followed")
-        target, flags = real, flags | _NOFOLLOW
+        target, flags = check_inside(target, root), flags | _NOFOLLOW
     try:
         before = os.stat(target)
     except FileNotFoundError:
