@@ -30,7 +30,7 @@ MAX_ENTRIES = 4096           # entries of a .tod (Lite0: 5)
 
 MAX_IMAGE_BYTES = 257 << 20  # one image file: a 32-bit BMP at dataset.MAX_PIXELS (64 Mpx) plus its headers
 MAX_TEXT_BYTES = 64 << 20    # classes.txt, Places365 lists, feature-cache indexes
-MAX_IDX_BYTES = 1 << 30      # an IDX file, also once gunzipped (Fashion-MNIST's largest: 47 MB)
+MAX_IDX_BYTES = 256 << 20    # an IDX file, also once gunzipped (Fashion-MNIST's largest: 47 MB)
 
 
 class OverBudget(UserError):

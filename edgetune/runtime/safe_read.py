@@ -65,7 +65,8 @@ def check_inside(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """
     real = os.path.realpath(path)
     if not inside(real, root):
-        raise UnsafeFile(path, f"a link to {real}, outside {os.fspath(root)}: not followed")
+        how = "a link to" if os.path.islink(path) else "resolves to"  # else a folder link or `..` on the way
+        raise UnsafeFile(path, f"{how} {real}, outside {os.fspath(root)}: not followed")
     return real
 
 
