@@ -721,10 +721,29 @@ def test_converted_lite0_passes_the_allow_list_and_bounds(lite0_tod: Path) -> No
     report = _check_real(lite0_tod)
     assert report.ops == {"Conv": 49, "Clip": 33, "Add": 9, "Shape": 1, "ReduceMean": 1, "Concat": 1, "Reshape": 1,
                           "Gemm": 1}
-    assert report.largest[1] == 96 * 112 * 112 and 18 << 20 < report.weight_bytes < 19 << 20
+    assert report.largest[1] == 96 * 112 * 112 and 17 << 20 < report.weight_bytes < 18 << 20  # 17.7 MiB
     assert report.memory(4) < 200 << 20  # what the budget asks of a phone: about 110 MB
 
 
 @pytest.mark.skipif(not Path("/work/data/lite0.tod").is_file(), reason="the shared demo model is not here")
 def test_demo_lite0_passes_the_allow_list_and_bounds() -> None:
     _check_real(Path("/work/data/lite0.tod"))
+
+
+@pytest.mark.parametrize("message, proto", [
+    (graph_check.MODEL, onnx.ModelProto), (graph_check.GRAPH, onnx.GraphProto), (graph_check.NODE, onnx.NodeProto),
+    (graph_check.ATTR, onnx.AttributeProto), (graph_check.TENSOR, onnx.TensorProto)])
+def test_wire_field_numbers_are_onnx_protos(message: graph_check.Message, proto: type) -> None:
+    """The checker's field numbers (the runtime cannot import onnx) against the onnx package's descriptors:
+    every allowed name has its number, every refused number is a real field of that message."""
+    fields = proto.DESCRIPTOR.fields_by_name
+    assert {name: fields[name].number for name in message.numbers} == message.numbers
+    by_number = proto.DESCRIPTOR.fields_by_number
+    assert all(number in by_number for number in message.refused), sorted(set(message.refused) - set(by_number))
+    def repeated(f) -> bool:  # protobuf 6 has `is_repeated`, older ones `label`
+        return f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+
+    repeated_scalars = {f.number for f in proto.DESCRIPTOR.fields
+                        if repeated(f) and f.type not in (f.TYPE_MESSAGE, f.TYPE_STRING, f.TYPE_BYTES)}
+    lists = {n for n, wires in message.wires.items() if wires == graph_check.Message.WIRES["list"]}
+    assert lists == repeated_scalars & set(message.wires)  # packed or not, both wire forms accepted

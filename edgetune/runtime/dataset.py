@@ -244,6 +244,8 @@ def read_class_file(path: str | os.PathLike) -> list[tuple[str, str]]:
         text = read_file(path, max_bytes=MAX_TEXT_BYTES, root=path.parent).decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path} not found: prepare the dataset with `edgetune prepare-data`") from None
+    except UnsafeFile as e:
+        raise UserError(f"cannot read {path}: {e.reason}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     pairs: list[tuple[str, str]] = []

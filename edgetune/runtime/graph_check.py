@@ -52,6 +52,11 @@ ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4,
 INT_DTYPES = {6: "<i4", 7: "<i8"}  # integer tensors whose values shape arithmetic may need
 FLOAT = 1
 
+
+class UnsafeGraph(ValueError):
+    """The graph is refused: it is not code-free data of bounded size (the message says what and where)."""
+
+
 class Message:
     """The fields a message may have (onnx/onnx.proto numbers) with their wire kinds; the rest is refused.
 
@@ -107,10 +112,6 @@ EXTERNAL = 1  # TensorProto.DataLocation
 SIZE_TARGETS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}
 
 
-class UnsafeGraph(ValueError):
-    """The graph is refused: it is not code-free data of bounded size (the message says what and where)."""
-
-
 def tensor_limit(chw: Sequence[int]) -> int:
     """The most elements one tensor of a graph taking `chw` images may have (per image for activations).
 
@@ -139,6 +140,8 @@ class Tensor:
 
 @dataclass
 class Node:
+    """A NodeProto: op, domain, name, wiring and decoded attributes (ints, floats, bytes, `Tensor`s)."""
+
     op_type: str
     domain: str
     name: str
@@ -152,6 +155,8 @@ class Node:
 
 @dataclass
 class Graph:
+    """A GraphProto: nodes in file order, initializer headers, and the declared inputs and outputs."""
+
     nodes: list[Node] = field(default_factory=list)
     initializers: list[Tensor] = field(default_factory=list)
     inputs: dict[str, tuple[int, list[int | str | None]]] = field(default_factory=dict)   # name -> (elem type, dims)
@@ -160,6 +165,8 @@ class Graph:
 
 @dataclass
 class Model:
+    """A ModelProto: its one graph and the version of the standard opset it imports."""
+
     graph: Graph
     opsets: dict[str, int]
 
