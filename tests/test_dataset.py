@@ -182,7 +182,7 @@ def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, cap
                             "truncated.jpg"}
     assert reasons["empty.bmp"] == "empty file" and reasons["notes.txt"] == "not an image"
     assert "decompression bomb" in reasons["bomb.png"] and "truncated" in reasons["truncated.bmp"]
-    assert reasons["dir.bmp"] == reasons["loop.bmp"] == "not a regular file"
+    assert reasons["dir.bmp"] == "a directory, not a file" and reasons["loop.bmp"] == "broken or looping symlink"
     assert len(ds.train) + len(ds.test) + len(ds.validation) == 10
     err = capsys.readouterr().err
     assert err.count("warning: skipped ") == 8 and "skipped 7 of 17 files" in err
@@ -190,14 +190,14 @@ def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, cap
 
 def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "ds", [("0", "x")], per_class=3)
-    real = Path.read_bytes
+    real = os.open
 
-    def read_bytes(self: Path) -> bytes:  # chmod 0 does not stop root, so refuse the read here
-        if self.name == "img_001.bmp":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def refusing_open(path, flags, *args):  # chmod 0 does not stop root, so refuse the open here
+        if os.fspath(path).endswith("img_001.bmp"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, flags, *args)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", refusing_open)
     ds = load_dataset(root, small_pre())
     assert [(Path(p).name, r) for p, r in ds.skipped] == [("img_001.bmp", "unreadable (Permission denied)")]
 

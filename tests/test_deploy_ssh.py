@@ -195,7 +195,7 @@ def test_adb_commands_quote_the_remote_folder(tmp_path: Path, capfd, monkeypatch
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "adb").write_text('#!/bin/sh\ncase "$1" in\n  get-state) echo device ;;\n'
-                                 '  push) cp -r "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
+                                 '  push) [ "$2" = -- ] && shift; cp -r -- "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
     (bin_dir / "adb").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     pkg = tmp_path / "package-arm64"

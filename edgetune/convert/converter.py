@@ -23,7 +23,9 @@ from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss, optimizer
 from edgetune.convert.spec import preprocessing as preset
 from edgetune.convert.split import split_head
 from edgetune.errors import UserError
+from edgetune.runtime.bounds import memory_limit
 from edgetune.runtime.format import TodFile, save_file
+from edgetune.runtime.safe_read import read_file
 
 FROZEN_BLOB = "frozen.onnx"
 
@@ -118,11 +120,14 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file without reading anything it points to: external data stays a reference
+    (which `frozen.check_source` then refuses), where `onnx.load` would read the named files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
+    data = read_file(path, max_bytes=memory_limit(), why_cap=" (half the memory this process can get)")
     try:
-        return onnx.load(path)
+        return onnx.load_model_from_string(data)
     except Exception as e:  # protobuf DecodeError and friends
         raise UserError(f"{path} is not an ONNX model: {e}") from None
 
@@ -136,7 +141,9 @@ def _chw(value: onnx.ValueInfoProto) -> tuple[int, int, int]:
 
 
 def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, ...]) -> tuple[bytes, int]:
+    frozen.check_source(model, chw)
     blob = frozen.optimize(frozen.extract(model, input_name, cut))
+    frozen.check(blob, input_name, chw)
     return blob, frozen.probe(blob, input_name, chw)
 
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgetune.runtime.atomic import write_atomic
+from edgetune.runtime.bounds import MAX_TEXT_BYTES
+from edgetune.runtime.safe_read import open_regular, read_file
 
 
 class FeatureCache:
@@ -110,25 +112,31 @@ class FeatureCache:
 
 
 def _verified_segment(base: str) -> tuple[list[str], np.memmap] | None:
-    """The segment's keys and rows (memory-mapped) if its index parses and its data matches size and sha256."""
+    """The segment's keys and rows (memory-mapped) if its index parses and its data matches size and sha256.
+
+    Both files are read by `safe_read` (regular files inside the cache folder, never blocking, the
+    index under a size cap), and the data is mapped from the very descriptor whose size was checked
+    against the index and whose bytes were hashed: a short file is refused before it is mapped,
+    so a truncated segment is ignored, never a SIGBUS when its missing rows are touched.
+    """
+    folder = os.path.dirname(base)
     try:
-        with open(base + ".json", encoding="utf-8") as f:
-            index = json.load(f)
+        index = json.loads(read_file(base + ".json", max_bytes=MAX_TEXT_BYTES, root=folder))
         shape = index["shape"]
         keys = index["keys"]
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
-                and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"):
+                and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"
+                and all(isinstance(k, str) for k in keys)):
             return None
-        size = os.path.getsize(base + ".f32")
-        if size != shape[0] * shape[1] * 4:
-            return None
-        h = hashlib.sha256()
-        with open(base + ".f32", "rb") as f:
+        with open_regular(base + ".f32", max_bytes=shape[0] * shape[1] * 4, root=folder) as f:
+            if os.fstat(f.fileno()).st_size != shape[0] * shape[1] * 4:
+                return None
+            h = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        if h.hexdigest() != index.get("sha256"):
-            return None
-        return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
+            if h.hexdigest() != index.get("sha256"):
+                return None
+            return keys, np.memmap(f, dtype=np.float32, mode="r", shape=tuple(shape))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -44,6 +44,8 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime.bmp import BmpError, BmpUnsupported, decode_bmp
+from edgetune.runtime.bounds import MAX_IMAGE_BYTES, MAX_TEXT_BYTES
+from edgetune.runtime.safe_read import UnsafeFile, read_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -71,11 +73,17 @@ def pillow() -> ModuleType:
     return Image
 
 
-def read_bytes(data: bytes | str | os.PathLike) -> bytes:
-    """The file's bytes (`data` itself when already bytes); `BadImage` if unreadable or empty."""
+def read_bytes(data: bytes | str | os.PathLike, root: str | os.PathLike | None = None) -> bytes:
+    """The file's bytes (`data` itself when already bytes); `BadImage` if unreadable, refused or empty.
+
+    A path is read by `safe_read.read_file`: a regular file of at most `MAX_IMAGE_BYTES`, inside
+    `root` once links are resolved (when given), opened so that nothing can block.
+    """
     if not isinstance(data, bytes):
         try:
-            data = Path(data).read_bytes()
+            data = read_file(data, max_bytes=MAX_IMAGE_BYTES, root=root)
+        except UnsafeFile as e:
+            raise BadImage(e.reason) from None
         except OSError as e:
             raise BadImage(f"unreadable ({e.strerror or e})") from e
     if not data:
@@ -233,9 +241,11 @@ def read_class_file(path: str | os.PathLike) -> list[tuple[str, str]]:
     """
     path = Path(os.fspath(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_file(path, max_bytes=MAX_TEXT_BYTES, root=path.parent).decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path} not found: prepare the dataset with `edgetune prepare-data`") from None
+    except UnsafeFile as e:
+        raise UserError(f"cannot read {path}: {e.reason}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     pairs: list[tuple[str, str]] = []
@@ -382,15 +392,14 @@ def list_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
 
 
-def check_file(path: Path, size: tuple[int, int]) -> str:
+def check_file(path: Path, size: tuple[int, int], root: str | os.PathLike | None = None) -> str:
     """Read and fully check one image file; return the sha256 hex of its bytes (`BadImage` if unusable).
 
-    An image not at the model's `size` (H, W) also needs Pillow for its resize: that is checked
-    here too, so a missing Pillow shows at load time, never mid-training.
+    The file must be a regular file inside `root` (the dataset folder) once links are resolved
+    (`read_bytes`). An image not at the model's `size` (H, W) also needs Pillow for its resize:
+    that is checked here too, so a missing Pillow shows at load time, never mid-training.
     """
-    if not path.is_file():
-        raise BadImage("not a regular file")
-    data = read_bytes(path)
+    data = read_bytes(path, root)
     if decode_image(data).shape[:2] != size:
         pillow()
     return hashlib.sha256(data).hexdigest()
@@ -431,7 +440,7 @@ def load_dataset(data_dir: str | os.PathLike, preprocessing: dict[str, Any], *,
         usable: list[tuple[Path, str]] = []
         for path in list_files(class_dir):
             try:
-                usable.append((path, check_file(path, size)))
+                usable.append((path, check_file(path, size, root)))
             except BadImage as e:
                 skipped.append((str(path), str(e)))
                 print(f"warning: skipped {path}: {e}", file=sys.stderr)

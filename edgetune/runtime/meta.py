@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.errors import UserError
+from edgetune.runtime.bounds import check_meta_sizes
 from edgetune.runtime.dataset import check_preprocessing
 from edgetune.runtime.layers import Dense, Layer
 
@@ -39,6 +40,7 @@ def check_meta(meta: dict[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
     missing = [key for key in REQUIRED if key not in meta]
     if missing:
         raise ValueError(f"meta has no {', '.join(missing)}")
+    check_meta_sizes(meta)
     n = _count(meta["num_classes"], "num_classes")
     batch = _count(meta["batch_size"], "batch_size")
     names = meta["class_names"]

@@ -50,6 +50,15 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             return result, pos
 
 
+def varints(payload: bytes | memoryview) -> Iterator[int]:
+    """The values of a packed repeated varint field (int32/int64 lists), as unsigned 64-bit ints."""
+    view = memoryview(payload)
+    pos = 0
+    while pos < len(view):
+        value, pos = _read_varint(view, pos)
+        yield value
+
+
 def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, Any, memoryview]]:
     """Top-level fields of a message: (number, wire type, value, the field's raw bytes).
 

@@ -22,6 +22,7 @@ from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
 from edgetune.runtime.atomic import write_atomic
 from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
+from edgetune.runtime.graph_check import admit_frozen_graph
 from edgetune.runtime.layers import Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
 from edgetune.runtime.meta import check_head, check_meta
 from edgetune.runtime.optim import make_optimizer
@@ -119,6 +120,7 @@ class TrainSession:
         absent = [name for name in self._optimizer.state_tensors() if name not in tod.tensors]
         if step > 0 and absent:  # zeros would silently restart momentum / Adam moments mid-run
             raise ValueError(f"the model took {step} optimizer steps but has no optimizer state {absent[0]}")
+        admit_frozen_graph(self._frozen_blob, self._frozen_io, meta["input"]["shape"][1:], self.ctx.feature_batch)
         self._ort = _inference_session(self._frozen_blob, self.ctx.threads)
         _check_frozen_graph(self._ort, self._frozen_io, meta["input"]["shape"], frozen.get("features"))
         self._cache: FeatureCache | None = None
