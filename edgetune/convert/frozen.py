@@ -21,7 +21,9 @@ import onnx.version_converter
 import onnxscript.optimizer
 
 from edgetune.errors import UserError
-from edgetune.runtime.ort import ort
+from edgetune.runtime.ort import onnxruntime
+
+ort = onnxruntime()  # the host always needs it here: optimize and probe the frozen part
 
 OPSET = 18
 IR_VERSION = 8

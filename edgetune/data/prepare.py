@@ -26,7 +26,9 @@ from edgetune.data.idx import find_idx, read_idx
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.atomic import TEMP_SUFFIX, write_atomic
-from edgetune.runtime.dataset import CLASS_FILE, BadImage, open_image, read_class_file, resize_and_crop
+from edgetune.runtime.dataset import CLASS_FILE, read_class_file
+from edgetune.runtime.decode import BadImage, open_image
+from edgetune.runtime.geometry import resize_and_crop
 
 # Places365 ids of the seed's classes, in the order of its folders 0..9: alley, cockpit,
 # amusement_arcade, amusement_park, aqueduct, arena/hockey, arena/rodeo, bus_interior, attic, badlands

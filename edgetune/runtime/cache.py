@@ -11,6 +11,8 @@ On disk (`directory` given) new rows are buffered and written `segment_rows` at 
 computed again next time.
 The index is written atomically *after* the data is on disk, and a segment whose data does not
 match its index is ignored, so a crash or a torn file can never feed wrong features to training.
+A segment that cannot be read at all (no permission, an I/O error) is ignored too, and the warning
+says that, not "damaged": its rows are computed again.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FeatureCache:
         self._pending: list[tuple[str, np.ndarray]] = []
         self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
         self._rows: dict[str, np.ndarray] = {}
-        self.rejected: list[str] = []  # segment files ignored because they failed verification
+        self.rejected: list[str] = []  # segments ignored: damaged, or unreadable (the warning says which)
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
             self._load_segments()
@@ -99,38 +101,58 @@ class FeatureCache:
             if not name.endswith(".json"):
                 continue
             base = os.path.join(self.directory, name[:-5])
-            segment = _verified_segment(base)
-            if segment is None or (self.width is not None and segment[1].shape[1] != self.width):
+            try:
+                keys, rows = _verified_segment(base, self.width)
+            except DamagedSegment as e:
                 self.rejected.append(base)
-                print(f"feature cache: ignoring damaged segment {base}.json", file=sys.stderr)
+                print(f"feature cache: ignoring damaged segment {base}.json ({e})", file=sys.stderr)
                 continue
-            keys, rows = segment
+            except OSError as e:  # permission, I/O error: the file may be fine, this process cannot read it
+                self.rejected.append(base)
+                print(f"feature cache: cannot read segment {base}.json ({e.strerror or e}); ignoring it",
+                      file=sys.stderr)
+                continue
             for k, row in zip(keys, rows):
                 self._rows.setdefault(k, row)
 
 
-def _verified_segment(base: str) -> tuple[list[str], np.memmap] | None:
-    """The segment's keys and rows (memory-mapped) if its index parses and its data matches size and sha256."""
+class DamagedSegment(Exception):
+    """A cache segment whose index or data is not what a complete write leaves; the message says what."""
+
+
+def _verified_segment(base: str, width: int | None) -> tuple[list[str], np.memmap]:
+    """The segment's keys and rows (memory-mapped), if its index parses and its data matches size and sha256.
+
+    Raises:
+        DamagedSegment: the index is not valid JSON of the expected shape, the data file is missing,
+            or its size or sha256 is not the index's.
+        OSError: a file cannot be read (other than a missing data file).
+    """
     try:
         with open(base + ".json", encoding="utf-8") as f:
             index = json.load(f)
-        shape = index["shape"]
-        keys = index["keys"]
-        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
-                and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"):
-            return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedSegment(f"index is not JSON: {e}") from None
+    shape = index.get("shape") if isinstance(index, dict) else None
+    keys = index.get("keys") if isinstance(index, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
+            and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"):
+        raise DamagedSegment("index has no valid keys, shape and dtype")
+    if width is not None and shape[1] != width:
+        raise DamagedSegment(f"rows of {shape[1]} features, the model gives {width}")
+    try:
         size = os.path.getsize(base + ".f32")
-        if size != shape[0] * shape[1] * 4:
-            return None
-        h = hashlib.sha256()
-        with open(base + ".f32", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != index.get("sha256"):
-            return None
-        return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except FileNotFoundError:
+        raise DamagedSegment("data file missing") from None
+    if size != shape[0] * shape[1] * 4:
+        raise DamagedSegment(f"data file has {size} bytes, the index says {shape[0] * shape[1] * 4}")
+    h = hashlib.sha256()
+    with open(base + ".f32", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != index.get("sha256"):
+        raise DamagedSegment("data does not match the index's sha256")
+    return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
 
 
 def namespace_for(model_sha256: str, preprocessing: dict, output: str) -> str:
