@@ -156,10 +156,12 @@ def _inference_session(blob: bytes, threads: int) -> Any:
 
     Optimization level: all. The file holds the graph optimized offline at the basic level only
     (portable standard ops, convert/frozen.py); the extended and layout rewrites (fused ops, the
-    CPU's NCHWc conv layout) are made here, for the CPU at hand. Measured on Lite0, 1 thread
-    (scripts/ort_levels.py, 2026-11-26, this 2-core machine): loading takes 0.12 s with all vs
-    0.07 s with basic, but 32 images run in 1.16 s with all vs 2.19 s with basic. Loading is paid
-    once, inference on every image, so: all.
+    CPU's NCHWc conv layout) are made here, for the CPU at hand. Measured with bench/ort_levels.py
+    on Lite0, 1 thread, 32 images in batches of 4, medians of 5, interleaved (2026-11-26, this
+    2-core machine under heavy shared load, so absolute times are inflated): loading takes 0.17 s
+    with all vs 0.19 s with basic (the same within the noise), running the images 2.9 s vs 6.7 s
+    (2.3x faster with all). Loading is paid once, inference on every image, so: all. The two
+    levels' features differ by up to 6e-6, so the level is part of what makes a run reproducible.
     """
     ort = onnxruntime()
     opts = ort.SessionOptions()
