@@ -327,3 +327,18 @@ def test_parameters_round_trip_and_bad_values_change_nothing(tiny_tod) -> None:
     with pytest.raises(UserError, match="missing"):
         session.load_parameters({n: v for n, v in doubled.items() if n != "head.0.bias"})
     assert all(np.array_equal(session.parameters()[n], doubled[n]) for n in before)
+
+
+@pytest.mark.parametrize("bug", [KeyError("frozen"), TypeError("unsupported operand")])
+def test_our_own_bugs_are_not_reported_as_a_bad_model(tiny_tod, monkeypatch, bug: Exception) -> None:
+    """Only what the checks raise for a file they refuse becomes "not a usable model"; a KeyError or
+    TypeError from the loading code itself is a bug and must surface as itself, traceback and all."""
+    import edgetune.runtime.session as session_module
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(session_module, "head_graph", broken)
+    with pytest.raises(type(bug)) as info:
+        TrainSession.create(tiny_tod())
+    assert info.value is bug and not isinstance(info.value, tod_format.TodError)
