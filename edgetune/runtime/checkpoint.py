@@ -2,8 +2,8 @@
 
 The meta (docs/FORMAT.md: class names, preprocessing, the head, optimizer settings and step, the
 training record), the parameters, the optimizer slots and the frozen graph. `TrainSession.create`
-builds its parts from one (`load`); `TrainSession.save` gathers one from its parts and writes it
-(`save`): the same kind of file in both directions, so a checkpoint resumes bit-identically.
+builds its parts from one (`from_tod`); `TrainSession.save` gathers one from its parts and writes
+it (`save`): the same kind of file in both directions, so a checkpoint resumes bit-identically.
 """
 
 from __future__ import annotations
@@ -50,16 +50,6 @@ class CheckpointState:
         params = {n: tod.tensors[f"param/{n}"] for n in meta["trainable"]}
         slots = {k: v for k, v in tod.tensors.items() if k.startswith("optim/")}
         return cls(meta, params, slots, tod.blobs[blob])
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CheckpointState:
-        """Read and check a `.tod` file.
-
-        Raises:
-            TodError: the file is damaged (`format`), or its content cannot be used (`ModelError`).
-            OSError: it cannot be read.
-        """
-        return cls.from_tod(tod_format.load_file(os.fspath(path)))
 
     def to_tod(self) -> tod_format.TodFile:
         """The file's content: meta, `param/*` and `optim/*` tensors, the frozen blob."""

@@ -34,7 +34,7 @@ from edgetune.runtime.head import head_graph
 from edgetune.runtime.meta import ModelError
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
-from edgetune.runtime.optim import Optimizer, TrainingDiverged, make_optimizer
+from edgetune.runtime.optim import TrainingDiverged, make_optimizer
 
 __all__ = ["AfterCallback", "Context", "TensorSpec", "TrainSession", "TrainingDiverged"]
 
