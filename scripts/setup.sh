@@ -22,8 +22,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgetune-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "== installing edgetune[host,device,dev] into .venv (torch==2.13.0 CPU build)"
+  torch=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')  # the host extra's pin
+  echo "== installing edgetune[host,device,dev] into .venv ($torch, the CPU build)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  # PyPI's Linux torch wheel is the CUDA build: it pulls triton and a dozen nvidia-* packages
+  # (gigabytes). PyTorch's CPU index has the same release as <version>+cpu (754 MB installed for
+  # 2.13.0); installed first, it satisfies the pin, so the editable install below keeps it.
+  .venv/bin/python -m pip install -q "$torch" --index-url https://download.pytorch.org/whl/cpu \
+    --extra-index-url https://pypi.org/simple
   .venv/bin/python -m pip install -q -e '.[host,device,dev]'
   touch "$stamp"
 fi

@@ -52,7 +52,7 @@ def test_check_onnxruntime_rejects_old_or_missing(tmp_path: Path, names: list[st
 def test_device_requirements_have_no_torch() -> None:
     reqs = bundle.device_requirements()
     names = {re.split(r"[<>=!\[ ]", r)[0].lower() for r in reqs}
-    assert names == {"numpy", "onnxruntime"}
+    assert names == {"numpy", "onnxruntime", "tqdm"}  # tqdm: pure Python progress bars
 
 
 def test_edgetune_wheel_holds_the_runtime_and_leaves_the_checkout_alone(tmp_path: Path) -> None:

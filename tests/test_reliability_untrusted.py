@@ -258,7 +258,9 @@ def _crafted(case: str) -> bytes:
 
 def test_the_external_data_attack_is_real(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the check, onnxruntime (loading from bytes) reads ./.ssh/id_rsa into the conv weight."""
-    from edgetune.runtime.ort import ort
+    from edgetune.runtime.ort import onnxruntime
+
+    ort = onnxruntime()
 
     monkeypatch.chdir(world)
     sess = ort.InferenceSession(_crafted("external initializer ./.ssh/id_rsa"), providers=["CPUExecutionProvider"])

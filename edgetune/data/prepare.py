@@ -27,7 +27,9 @@ from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.atomic import TEMP_SUFFIX, write_atomic
 from edgetune.runtime.bounds import MAX_TEXT_BYTES
-from edgetune.runtime.dataset import CLASS_FILE, BadImage, open_image, read_bytes, read_class_file, resize_and_crop
+from edgetune.runtime.dataset import CLASS_FILE, read_class_file
+from edgetune.runtime.decode import BadImage, open_image, read_bytes
+from edgetune.runtime.geometry import resize_and_crop
 from edgetune.runtime.safe_read import UnsafeFile, check_inside, read_file
 
 # Places365 ids of the seed's classes, in the order of its folders 0..9: alley, cockpit,
