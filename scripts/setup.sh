@@ -25,12 +25,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   torch=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')  # the host extra's pin
   echo "== installing edgetune[host,device,dev] into .venv ($torch, the CPU build)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  # PyPI's Linux torch wheel is the CUDA build: it pulls triton and a dozen nvidia-* packages
-  # (gigabytes). PyTorch's CPU index has the same release as <version>+cpu (754 MB installed for
-  # 2.13.0); installed first, it satisfies the pin, so the editable install below keeps it.
-  .venv/bin/python -m pip install -q "$torch" --index-url https://download.pytorch.org/whl/cpu \
-    --extra-index-url https://pypi.org/simple
+  # The pin must resolve to a CPU build: PyPI's own Linux wheel of a torch release is the CUDA
+  # build (triton and a dozen nvidia-* packages, gigabytes). Machines of this project have the
+  # 2.13.0 CPU wheel where pip finds it first; elsewhere, point pip at PyTorch's CPU wheel index
+  # (PIP_EXTRA_INDEX_URL) before running this. The check below refuses to go on with a CUDA build.
+  .venv/bin/python -m pip install -q "$torch"
   .venv/bin/python -m pip install -q -e '.[host,device,dev]'
+  if ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then
+    echo "set-up: $torch resolved to a CUDA build; install its CPU build first (see the comment above)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 echo "== set-up done: $(.venv/bin/edgetune --version)"

@@ -15,22 +15,11 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
 from edgetune.deploy.package import MARKER, SCRIPTS
 from edgetune.errors import UserError
 
 REFUSED = 3  # exit status of `replace_guard` when the folder is not a package
-
-
-class Transport(Protocol):
-    """Copies a package folder to where it runs, then runs its scripts there."""
-
-    def push(self, package: Path) -> str:
-        """Copy `package` over; returns where it now is (for the log)."""
-
-    def run(self, script: str) -> int:
-        """Run one of the package's scripts in the package folder; returns its exit status."""
 
 
 class Local:
