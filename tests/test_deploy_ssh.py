@@ -52,7 +52,7 @@ def test_check_onnxruntime_rejects_old_or_missing(tmp_path: Path, names: list[st
 def test_device_requirements_have_no_torch() -> None:
     reqs = bundle.device_requirements()
     names = {re.split(r"[<>=!\[ ]", r)[0].lower() for r in reqs}
-    assert names == {"numpy", "onnxruntime"}
+    assert names == {"numpy", "onnxruntime", "tqdm"}  # tqdm: pure Python progress bars
 
 
 def test_edgetune_wheel_holds_the_runtime_and_leaves_the_checkout_alone(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_adb_commands_quote_the_remote_folder(tmp_path: Path, capfd, monkeypatch
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "adb").write_text('#!/bin/sh\ncase "$1" in\n  get-state) echo device ;;\n'
-                                 '  push) cp -r "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
+                                 '  push) [ "$2" = -- ] && shift; cp -r -- "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
     (bin_dir / "adb").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     pkg = tmp_path / "package-arm64"

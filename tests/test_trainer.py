@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgetune.errors import UserError
-from edgetune.runtime import (CheckpointSaver, Context, CosineLR, Trainer, TrainingDiverged, TrainSession)
+from edgetune.runtime import Callback, Context, CosineLR, Trainer, TrainingDiverged, TrainSession
 from edgetune.runtime import format as tod_format
 
 
@@ -50,10 +50,10 @@ def test_resume_from_checkpoint_is_bit_identical(tiny_tod, tiny_split, tmp_path,
     Trainer(full, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)]).fit(11)
 
     part = TrainSession.create(path)
-    saver = CheckpointSaver(4, tmp_path / "ckpt_{step}.tod")
-    Trainer(part, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[saver, CosineLR(11)]).fit(5)
-    assert saver.saved == [str(tmp_path / "ckpt_4.tod")]
-    resumed = TrainSession.create(saver.saved[0], Context(cache=False))
+    saving = Trainer(part, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)],
+                     save_every=4, checkpoint_pattern=tmp_path / "ckpt_{step}.tod").fit(5)
+    assert saving.saved == [str(tmp_path / "ckpt_4.tod")]
+    resumed = TrainSession.create(saving.saved[0], Context(cache=False))
     Trainer(resumed, train, test, seed=999, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)]).fit(7)
 
     assert resumed.step == full.step == 11
@@ -85,15 +85,11 @@ def test_cache_gives_the_same_losses_and_decodes_each_image_once(tiny_tod, tiny_
     assert losses[True] == losses[False]
 
 
-class _LossRecorder:
+class _LossRecorder(Callback):
     def __init__(self, out: list[float]) -> None:
         self.out = out
 
-    def on_train_begin(self, trainer) -> None: ...
-    def on_evaluate(self, trainer, split_name, accuracy) -> None: ...
-    def on_train_end(self, trainer) -> None: ...
-
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         self.out.append(loss)
 
 
@@ -145,14 +141,15 @@ def test_features_stream_in_batches(tiny_tod, tiny_split) -> None:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_divergence_raises_and_saves_no_bad_weights(tiny_tod, tiny_split, tmp_path) -> None:
-    path = tiny_tod(head="mlp", optimizer={"name": "sgd", "lr": 1e20})
+    path = tiny_tod(head="mlp", optimizer={"name": "sgd", "lr": 1e20, "momentum": 0.0, "dampening": 0.0,
+                                          "weight_decay": 0.0, "nesterov": False})
     sess = TrainSession.create(path)
-    saver = CheckpointSaver(1, tmp_path / "c_{step}.tod")
+    trainer = Trainer(sess, tiny_split(40), save_every=1, checkpoint_pattern=tmp_path / "c_{step}.tod")
     with pytest.raises(TrainingDiverged, match=r"training diverged at step (\d+): .*lower --lr") as info:
-        Trainer(sess, tiny_split(40), callbacks=[saver]).fit(20)
+        trainer.fit(20)
     bad_step = int(re.search(r"step (\d+)", str(info.value)).group(1))
-    assert sess.step == bad_step - 1 == len(saver.saved)
-    for p in saver.saved:
+    assert sess.step == bad_step - 1 == len(trainer.saved)
+    for p in trainer.saved:
         assert all(np.isfinite(t).all() for t in tod_format.load_file(p).tensors.values())
 
 

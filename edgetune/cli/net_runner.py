@@ -4,7 +4,8 @@
 `i: Loss is X [min=Y]`; every 20 steps `accuracy on test data = A max accuracy = M`, stopping
 once A > 0.9; at the end `accuracy on validation data = V` and, when cycles > 0, the model is
 saved as `<model>_trained.tod`. `-c 0` only evaluates. Numbers print as C++ iostream does (%g).
-Device side: numpy, onnxruntime and Pillow only (matplotlib just for `--plot`).
+Device side: numpy, onnxruntime and tqdm (Pillow only for images that are not prepared BMPs,
+matplotlib only for `--plot`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
     history = History()
     trainer = Trainer(session, data.train, data.test, callbacks=_callbacks(args, history), seed=args.seed,
-                      test_every=args.test_every, target_accuracy=args.target_accuracy)
+                      test_every=args.test_every, target_accuracy=args.target_accuracy,
+                      save_every=args.save_every)  # <model>_trained_<i>.tod next to the model
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
@@ -100,9 +102,7 @@ def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
         chosen.append(cb.LossMonitor())
     if args.verbose:
         chosen.append(TensorPrinter())
-    chosen.append(cb.AccuracyMonitor(every=args.test_every, target=args.target_accuracy))
-    if args.save_every:
-        chosen.append(cb.CheckpointSaver(args.save_every))  # <model>_trained_<i>.tod next to the model
+    chosen.append(cb.AccuracyMonitor())
     if args.log is not None:
         chosen.append(cb.JsonlLogger(args.log))
     return chosen
@@ -166,11 +166,11 @@ class FeatureProgress:
 class TensorPrinter(Callback):
     """`-v`: the output tensors after each step, as the seed's after_callback prints them."""
 
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         """Print the loss and logits tensors of the step just taken."""
         import numpy as np
 
-        logits = trainer.session.logits
+        logits = session.logits
         print(f"loss: shape () = {loss:g}", flush=True)
         print(f"logits: shape {logits.shape} =", np.array2string(logits, precision=6, threshold=64), flush=True)
 
@@ -181,14 +181,13 @@ class History(Callback):
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         """Keep the step's loss."""
         self.records.append({"event": "step", "step": step, "loss": float(loss)})
 
-    def on_evaluate(self, trainer, split_name: str, accuracy: float) -> None:
+    def on_evaluate(self, session, split: str, accuracy: float) -> None:
         """Keep an evaluation, at the step it happened."""
-        self.records.append({"event": "evaluate", "split": split_name, "step": trainer.session.step,
-                             "accuracy": float(accuracy)})
+        self.records.append({"event": "evaluate", "split": split, "step": session.step, "accuracy": float(accuracy)})
 
 
 def _matplotlib():

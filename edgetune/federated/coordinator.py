@@ -101,7 +101,6 @@ class GlobalModel:
         if parameters is not None:
             self.session.load_parameters(parameters)
         self.round = int(server_round)
-        self.session.record["federated_round"] = self.round
         accuracy = self.evaluate()
         self.session.save(global_path(self.out_dir, self.round))
         return accuracy

@@ -4,12 +4,13 @@ Framework-free on purpose: both Flower paths (the Message API ClientApp and the 
 that SecAgg+ needs) call `train_locally`, so the two paths train identically and the secure
 aggregate can be checked against the plain one.
 
-Each round starts from the device's own `.tod` (frozen part, head layout, optimizer and its state)
-with the global trainable tensors loaded into it, takes `local_steps` optimizer steps on the
-device's train split with the model's optimizer, and measures accuracy on the device's test split.
-The data order of a round is seeded by (seed, round, partition), so a round can be replayed
-exactly; the frozen features are cached on disk (`cache_dir`), so only the first round runs the
-backbone (Flower starts a new ClientApp process for every message).
+Each round starts from the device's own `.tod` (frozen part, head layout, optimizer and its state;
+its own checkpoint of the last round when it keeps one) with the global trainable tensors loaded
+into it, takes `local_steps` optimizer steps on the device's train split with the model's
+optimizer, and measures accuracy on the device's test split. A fresh data order is seeded by
+(seed, round, partition), so the same inputs give the same round; the frozen features are cached
+on disk (`cache_dir`), so only the first round runs the backbone (Flower starts a new ClientApp
+process for every message).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _MeanLoss(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+    def on_step(self, session: TrainSession, step: int, loss: float) -> None:
         self.losses.append(loss)
 
 
@@ -77,8 +78,10 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
         seed: the run's seed.
         cache_dir: where this device keeps its frozen features across rounds.
         state: this device's own checkpoint across rounds: when it exists, training starts from it
-            (its optimizer state and step carry over, only the trainable tensors are replaced by
-            the global ones) instead of from `model`; it is rewritten atomically after training.
+            instead of from `model` (its optimizer state, step and data order carry over: the device
+            goes on through epochs of its own data; only the trainable tensors are replaced by the
+            global ones); it is rewritten atomically after training. Without it every round starts
+            from `model` as it is: a fresh model's data order is then seeded per round.
         model_sha256: the server's frozen-part hash; a device whose model differs refuses to train.
 
     Returns:
@@ -98,7 +101,6 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
     session.load_parameters(parameters)
     if lr is not None:
         session.learning_rate = lr
-    session.record["rng_state"] = None  # this round's own data order, not one saved in the .tod
     dataset = load_dataset(data, session.preprocessing, num_classes=session.num_classes)
     losses = _MeanLoss()
     trainer = Trainer(session, dataset.train, dataset.test, callbacks=[losses], test_every=0,
