@@ -7,7 +7,7 @@ aggregate can be checked against the plain one.
 Each round starts from the device's own `.tod` (frozen part, head layout, optimizer and its state;
 its own checkpoint of the last round when it keeps one) with the global trainable tensors loaded
 into it, takes `local_steps` optimizer steps on the device's train split with the model's
-optimizer, and measures accuracy on the device's test split. A fresh data order is seeded by
+optimizer, and measures accuracy on the device's test split. Every round's data order is seeded by
 (seed, round, partition), so the same inputs give the same round; the frozen features are cached
 on disk (`cache_dir`), so only the first round runs the backbone (Flower starts a new ClientApp
 process for every message).
@@ -78,10 +78,8 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
         seed: the run's seed.
         cache_dir: where this device keeps its frozen features across rounds.
         state: this device's own checkpoint across rounds: when it exists, training starts from it
-            instead of from `model` (its optimizer state, step and data order carry over: the device
-            goes on through epochs of its own data; only the trainable tensors are replaced by the
-            global ones); it is rewritten atomically after training. Without it every round starts
-            from `model` as it is: a fresh model's data order is then seeded per round.
+            instead of from `model` (its optimizer state and step carry over, only the trainable
+            tensors are replaced by the global ones); it is rewritten atomically after training.
         model_sha256: the server's frozen-part hash; a device whose model differs refuses to train.
 
     Returns:
@@ -101,10 +99,13 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
     session.load_parameters(parameters)
     if lr is not None:
         session.learning_rate = lr
+    # this round's own data order, whatever order a checkpoint (the device's, or a model that is
+    # one) stood at: the Trainer goes on from the order the record holds
+    order = np.random.PCG64(round_seed(seed, server_round, partition))
+    session.record_data_order(rng_state=order.state, data_cursor=0)
     dataset = load_dataset(data, session.preprocessing, num_classes=session.num_classes)
     losses = _MeanLoss()
-    trainer = Trainer(session, dataset.train, dataset.test, callbacks=[losses], test_every=0,
-                      target_accuracy=None, seed=round_seed(seed, server_round, partition))
+    trainer = Trainer(session, dataset.train, dataset.test, callbacks=[losses], test_every=0, target_accuracy=None)
     trainer.fit(local_steps)
     accuracy = trainer.evaluate("test")
     if state is not None:
