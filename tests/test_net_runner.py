@@ -198,7 +198,30 @@ def test_user_errors_are_one_line_exit_2(tmp_path, model, mini_fashion_dir) -> N
     tiny = _dataset(tmp_path / "tiny", mini_fashion_dir, 10, 1)  # one image per class: validation only
     assert "split is empty" in _user_error(tmp_path, "-f", os.fspath(model), "-d", os.fspath(tiny), "-c", "5")
     assert "--cycles must be >= 0" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "-1")
+    assert "--weight-decay must be a finite number >= 0" in _user_error(
+        tmp_path, "-f", os.fspath(model), "-d", data, "--weight-decay", "-0.1")
+    assert "--warmup" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "5", "--warmup", "5")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tod") == ["broken.tod", model.name]
+
+
+def test_keep_best_schedule_and_decay_from_the_command_line(capsys, model, mini_fashion_dir, feature_cache,
+                                                           tmp_path) -> None:
+    """--keep-best says which step it kept; the saved model is that step's (its record and step count)."""
+    from edgetune.runtime import TrainSession
+
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "60", "--lr", "0.05", "--target-accuracy",
+                "1.01", "--schedule", "cosine", "--warmup", "5", "--weight-decay", "0.01", "--keep-best",
+                "--log", os.fspath(tmp_path / "log.jsonl"))
+    tests = [(i, float(TEST.match(x).group(1))) for i, x in enumerate(lines) if TEST.match(x)]
+    kept = [x for x in lines if x.startswith("kept the weights of step")]
+    trained = TrainSession.create(model.with_name(model.stem + "_trained.tod"))
+    assert trained.weight_decay == 0.01 and len(tests) == 3
+    best = max(a for _, a in tests)
+    if kept:
+        step = int(kept[0].split()[5])
+        assert trained.step == step < 60 and f"(best test accuracy {best:g})" in kept[0]
+    else:
+        assert trained.step == 60 and tests[-1][1] == best
 
 
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:
