@@ -22,9 +22,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgetune-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "== installing edgetune[host,device,dev] into .venv (torch==2.13.0 CPU build)"
+  echo "== installing edgetune[host,device,dev,bench] into .venv (torch==2.13.0 CPU build)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[host,device,dev]'
+  .venv/bin/python -m pip install -q -e '.[host,device,dev,bench]'
   touch "$stamp"
 fi
 echo "== set-up done: $(.venv/bin/edgetune --version)"
