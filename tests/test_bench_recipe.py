@@ -114,3 +114,19 @@ def test_probe_flags_a_fit_that_did_not_converge(tiny_tod, tiny_dataset) -> None
     features = probe.extract_features(tiny_tod(head="dense"), tiny_dataset)
     result = probe.probe(features, grid=(1000.0,), max_iter=2)
     assert not result.chosen.converged and "NOT CONVERGED" in probe.format_table(result)
+
+
+@pytest.mark.slow
+def test_recipe_table_on_a_tiny_dataset(tiny_tod, tiny_dataset, tmp_path, capsys) -> None:
+    """bench/recipe.py end to end: probe, net_runner's plain recipe and --auto in child processes."""
+    recipe = bench_module("recipe")
+    out_json = tmp_path / "r.json"
+    assert recipe.main(["--model", tiny_tod(head="dense"), "--data", str(tiny_dataset), "--json", str(out_json)]) == 0
+    assert "| tiny_data | 18/6/6 |" in capsys.readouterr().out
+    import json
+
+    numbers = json.loads(out_json.read_text())
+    detail = numbers["auto_detail"]
+    assert detail["retrained_test_accuracy"] == detail["search_test_accuracy"]
+    assert 0 <= numbers["plain"] <= 1 and 0 <= numbers["auto"] <= 1 and numbers["probe_c1"] > 0
+    assert [t["event"] for t in detail["trials"]].count("auto_trial") == 12

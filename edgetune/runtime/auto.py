@@ -9,8 +9,9 @@ so it sees the batches the final training will see, and the chosen recipe, retra
 reproduces the candidate the search measured.
 
 The plan, fixed before anything runs (so a seed fixes the result). Decays are counted in units of
-1 / n_train: on a dense head, decay d is exactly the L2 penalty of scikit-learn's LogisticRegression
-with C = 1 / (d * n_train), so unit 1 is its default C=1 and the grid spans its usual C range.
+1 / n_train: on a dense head, decay d is the L2 penalty of scikit-learn's LogisticRegression with
+C = 1 / (d * n_train) (which leaves the bias out; the optimizers decay it too), so unit 1 is its
+default C=1 and the grid spans the C range bench/probe.py searches.
 
 1. **Learning rate**, at decay 1 / n_train: each rate of the optimizer's grid (`LR_GRIDS`). The rate
    decides how fast and how stably training reaches the regularized optimum (on a linear head over
