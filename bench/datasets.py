@@ -245,6 +245,7 @@ BUILDERS: dict[str, Callable[..., PrepareReport]] = {"digits": build_digits, "gl
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: NAME, -o DIR, --per-class, --font-dir, --glyph-packages."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("name", nargs="?", choices=sorted(BUILDERS), help="which dataset")
     p.add_argument("-o", "--out", type=Path, help="output directory")
@@ -258,6 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Build one dataset; 0 on success, 2 with one error line for a user mistake."""
     args = parse_args(argv)
     if args.glyph_packages:
         print(" ".join(GLYPH_PACKAGES))

@@ -158,6 +158,7 @@ def format_table(result: ProbeResult) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line: --model, --data, --cache-dir, --threads."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--model", type=Path, required=True, help="the .tod model whose frozen features are probed")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset folder (classes.txt)")
@@ -167,6 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Extract, fit and print the table; 0, 1 if a fit did not converge, 2 on a user mistake."""
     args = parse_args(argv)
     try:
         start = time.perf_counter()

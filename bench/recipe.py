@@ -76,6 +76,7 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--model", type=Path, required=True, help="the .tod model (its class count fits the data)")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset folder (classes.txt)")
@@ -88,6 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and print one table row; 0 on success."""
     args = parse_args(argv)
     from edgetune.runtime import auto
 
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "probe_chosen": bound.chosen.validation_accuracy, "plain": plain_val, "plain_seconds": plain_s,
               "auto": found["validation_accuracy"], "auto_seconds": auto_s, "auto_detail": found}
     r = found["recipe"]
-    print(f"| dataset | train/test/val | probe C=1 | probe C on test | plain 600 steps | --auto | auto recipe |")
+    print("| dataset | train/test/val | probe C=1 | probe C on test | plain 600 steps | --auto | auto recipe |")
     print("|---|---|---:|---:|---:|---:|---|")
     print(f"| {args.data.name} | {sizes['train']}/{sizes['test']}/{sizes['validation']} | {result['probe_c1']:.4f} "
           f"| {result['probe_chosen']:.4f} (C={bound.chosen.C:g}) | {plain_val:.4f} | {result['auto']:.4f} "
