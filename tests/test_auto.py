@@ -157,3 +157,11 @@ def test_a_session_without_a_file_needs_the_model(tiny_split) -> None:
     session = TrainSession(tiny_model(head="dense"), Context())
     with pytest.raises(UserError, match="pass model="):
         auto.search(session, tiny_split(40), tiny_split(20, seed=1, name="test"))
+
+
+def test_recipe_session_starts_a_new_schedule_from_a_checkpoint(tiny_tod, tiny_split) -> None:
+    model = tod_format.load_file(tiny_tod(head="dense"))
+    model.meta["training"]["base_lr"] = 5.0  # left by an earlier cosine run
+    session = auto.recipe_session(model, 0.01, 0.0)
+    Trainer(session, tiny_split(40), callbacks=[CosineLR(100)], test_every=0).fit(1)
+    assert session.learning_rate == pytest.approx(0.01 * (1 + math.cos(math.pi / 100)) / 2)

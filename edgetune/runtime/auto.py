@@ -216,7 +216,9 @@ def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ct
                    path: str | None = None) -> TrainSession:
     """A fresh session of `model` whose optimizer has this learning rate and weight decay.
 
-    The search builds its candidates with it, and a caller trains the chosen recipe with it.
+    The search builds its candidates with it, and a caller trains the chosen recipe with it. The
+    weights, optimizer slots and step count are copies of the model's (a checkpoint continues); a
+    learning-rate schedule's saved base rate is dropped, since this rate starts a new schedule.
 
     Raises:
         UserError: a learning rate or weight decay that is negative or not finite.
@@ -225,6 +227,7 @@ def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ct
     check_number("weight decay", weight_decay, positive=False)
     meta = copy.deepcopy(model.meta)
     meta["optimizer"] = {**meta["optimizer"], "lr": float(lr), "weight_decay": float(weight_decay)}
+    meta["training"].pop("base_lr", None)  # a schedule of an earlier run would override this rate (CosineLR)
     tensors = {name: np.array(t, copy=True) for name, t in model.tensors.items()}  # a session trains its arrays in place
     return TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs), ctx or Context(), path)
 
