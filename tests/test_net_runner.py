@@ -3,6 +3,7 @@ early stop, checkpoints, `-c 0`, resume, the log and plot, and one-line user err
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -201,6 +202,10 @@ def test_user_errors_are_one_line_exit_2(tmp_path, model, mini_fashion_dir) -> N
     assert "--weight-decay must be a finite number >= 0" in _user_error(
         tmp_path, "-f", os.fspath(model), "-d", data, "--weight-decay", "-0.1")
     assert "--warmup" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "5", "--warmup", "5")
+    assert "--auto-budget must be a finite number of seconds > 0" in _user_error(
+        tmp_path, "-f", os.fspath(model), "-d", data, "--auto", "--auto-budget", "0")
+    assert "--auto-budget goes with --auto" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data,
+                                                           "--auto-budget", "5")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tod") == ["broken.tod", model.name]
 
 
@@ -222,6 +227,20 @@ def test_keep_best_schedule_and_decay_from_the_command_line(capsys, model, mini_
         assert trained.step == step < 60 and f"(best test accuracy {best:g})" in kept[0]
     else:
         assert trained.step == 60 and tests[-1][1] == best
+
+
+def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, mini_fashion_dir, feature_cache,
+                                                              tmp_path) -> None:
+    """--auto: the search table, then the seed's lines for the chosen step count; deterministic per seed."""
+    log = tmp_path / "auto.jsonl"
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q", "--log", os.fspath(log))
+    choice = [x for x in lines if x.startswith("auto: chose lr")]
+    assert len(choice) == 1 and VALIDATION.match(lines[-1])
+    events = [json.loads(x)["event"] for x in log.read_text().splitlines()]
+    assert "auto_choice" in events and events.count("auto_trial") >= 2
+    again = run(capsys, model, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q")
+    strip = re.compile(r" +\d+\.\d(?=  [a-z])|in \d+\.\d s")  # seconds differ between runs, nothing else may
+    assert [strip.sub("", x) for x in again] == [strip.sub("", x) for x in lines]
 
 
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:

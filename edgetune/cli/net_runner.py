@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or step (x0.1 at each third)")
     parser.add_argument("--warmup", type=int, default=0, metavar="N",
                         help="raise the learning rate linearly over the first N steps (default 0)")
+    parser.add_argument("--auto", action="store_true",
+                        help="choose learning rate, weight decay and step count on the test split by training "
+                             "candidates over the cached features, then train the chosen recipe (cosine; replaces "
+                             "-c, --lr, --weight-decay, --schedule and --target-accuracy); prints the search")
+    parser.add_argument("--auto-budget", type=float, default=None, metavar="SECONDS",
+                        help="--auto: no new candidate starts after this many seconds (default 60)")
     parser.add_argument("--keep-best", action="store_true",
                         help="keep the weights of the step with the best test accuracy (ties: the earlier), "
                              "not the last step's; the log says which step")
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
     history = History()
     callbacks = _callbacks(args, history)
-    schedule = make_schedule(args.schedule, session.step + args.cycles, args.warmup) if args.cycles else None
+    schedule = make_schedule(args.schedule, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
     if schedule is not None:
         callbacks.insert(0, schedule)  # the rate is set before anything reads it
     trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
@@ -95,20 +101,43 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
-        for split in _splits_used(trainer, data, args.cycles):
+        for split in _splits_used(trainer, data, 10**9 if args.auto else args.cycles):
             trainer.features(split)
         trainer.progress = None
     else:  # every evaluation runs the backbone again: show each one's progress
         trainer.progress = progress
-    if args.cycles > 0:
-        trainer.fit(args.cycles)
+    cycles = _auto(args, session, data, trainer) if args.auto else args.cycles
+    if cycles > 0:
+        trainer.fit(cycles)
     accuracy = trainer.evaluate("validation", data.validation)
     print(f"accuracy on validation data = {accuracy:g}", flush=True)
-    if args.cycles > 0:
+    if cycles > 0:
         session.save(os.fspath(args.model)[: -len(".tod")] + "_trained.tod")
     if args.plot is not None:
         save_plot(history.records, args.plot)
     return 0
+
+
+def _auto(args: argparse.Namespace, session, data, trainer) -> int:
+    """`--auto`: search a recipe on the test split (edgetune.runtime.auto), print and log it, and set the
+    session and trainer to train it exactly as the search measured it; returns the step count."""
+    from edgetune.runtime import auto
+    from edgetune.runtime import format as tod_format
+    from edgetune.runtime.callbacks import CosineLR
+
+    progress = None if args.quiet else FeatureProgress()
+    result = auto.search(session, data.train, data.test, model=tod_format.load_file(args.model), seed=args.seed,
+                         budget=auto.DEFAULT_BUDGET if args.auto_budget is None else args.auto_budget,
+                         progress=progress)
+    print(result.table(), flush=True)
+    if args.log is not None:
+        with open(args.log, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in result.rows())
+    recipe = result.recipe
+    session.learning_rate, session.weight_decay = recipe.lr, recipe.weight_decay
+    trainer.callbacks.insert(0, CosineLR(recipe.horizon))  # as each candidate trained
+    trainer.target_accuracy = None  # the chosen step count is the stop
+    return recipe.steps
 
 
 def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
@@ -155,6 +184,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--test-every must be >= 1")
     if args.threads < 1:
         raise UserError("--threads must be >= 1")
+    if args.auto_budget is not None and not args.auto:
+        raise UserError("--auto-budget goes with --auto")
+    if args.auto_budget is not None and not (args.auto_budget > 0 and math.isfinite(args.auto_budget)):
+        raise UserError(f"--auto-budget must be a finite number of seconds > 0, got {args.auto_budget:g}")
     if args.plot is not None:
         _matplotlib()  # fail before training, not after
 
