@@ -23,14 +23,14 @@ fi
 stamp=.venv/.edgetune-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   torch=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')  # the host extra's pin
-  echo "== installing edgetune[host,device,dev,bench] into .venv ($torch, the CPU build)"
+  echo "== installing edgetune[host,device,dev,bench,federated] into .venv ($torch, the CPU build)"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   # The pin must resolve to a CPU build: PyPI's own Linux wheel of a torch release is the CUDA
   # build (triton and a dozen nvidia-* packages, gigabytes). Machines of this project have the
   # 2.13.0 CPU wheel where pip finds it first; elsewhere, point pip at PyTorch's CPU wheel index
   # (PIP_EXTRA_INDEX_URL) before running this. The check below refuses to go on with a CUDA build.
   .venv/bin/python -m pip install -q "$torch"
-  .venv/bin/python -m pip install -q -e '.[host,device,dev,bench]'
+  .venv/bin/python -m pip install -q -e '.[host,device,dev,bench,federated]'
   if ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then
     echo "set-up: $torch resolved to a CUDA build; install its CPU build first (see the comment above)" >&2
     exit 1
