@@ -218,7 +218,10 @@ def _check_against_x86(work: Path, emulator: emu.Emulator, model: Path, data: Pa
     site = work / "arm64-env/lib/python3.11/site-packages"
     native = sorted(site.glob("onnxruntime/capi/onnxruntime_pybind11_state*.so"))
     assert native and emu.elf_machine(native[0]) == EM_AARCH64  # arm64 code is what ran
-    assert (site / "edgetune/cli/net_runner.py").is_file()
+    for wheel in wheels:  # each of the bundle's wheels, at its version, and nothing from elsewhere
+        name, version = wheel.split("-")[:2]
+        assert (site / f"{name}-{version}.dist-info").is_dir(), wheel
+    assert len(list(site.glob("*.dist-info"))) == len(wheels)
     arm_runs = run_scripts(arm, emu.clean_env(EDGETUNE_PYTHON=os.fspath(launcher)), images)
     assert not (arm / ".venv").exists()  # EDGETUNE_PYTHON: the scripts installed nothing
 
@@ -253,5 +256,10 @@ def _check_against_x86(work: Path, emulator: emu.Emulator, model: Path, data: Pa
         np.testing.assert_allclose(arm_params[key], value, rtol=1e-5, atol=1e-5 * float(np.abs(value).max()),
                                    err_msg=key)
 
+    # the numbers the README quotes (pytest -s shows them)
     timings = "; ".join(f"{s} {arm_runs[s][1]} [x86 {x86_runs[s][1]}]" for s in SCRIPTS)
-    print(f"\narm64 emulated: venv + pip install {install}; {timings}; wheels {' '.join(wheels)}")
+    accuracies = [a for s in SCRIPTS for _, a in ACCURACY.findall(arm_runs[s][0])]
+    worst = max(float(np.abs(arm_params[k] - v).max() / np.abs(v).max()) for k, v in x86_params.items())
+    print(f"\narm64 emulated: venv + pip install {install}; {timings}\nwheels: {' '.join(wheels)}\n"
+          f"validation accuracies (both): {accuracies}; losses arm64/x86: {steps}; "
+          f"largest weight difference / tensor scale: {worst:.2g}")
