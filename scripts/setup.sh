@@ -4,14 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="dataset-fashion-mnist openssh-server fonts-dejavu-core"
+# the demo's data; fonts-dejavu-core for the glyph dataset test; sshd for the ssh deploy test; qemu-user + mmdebstrap run package-arm64/ under
+# emulation (tests/test_arm64_emulated.py). --no-install-recommends keeps qemu-user-binfmt out:
+# nothing is registered with the kernel's binfmt_misc, the test calls qemu-aarch64 itself.
+APT_PACKAGES="dataset-fashion-mnist openssh-server fonts-dejavu-core qemu-user mmdebstrap"
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   echo "== installing Debian packages:$missing"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
 PY="${PYTHON:-python3.11}"

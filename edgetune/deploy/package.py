@@ -10,6 +10,9 @@ package-<target>/
 The scripts create `.venv/` from `wheels/` on their first run and keep the feature cache in
 `cache/`, so nothing is written outside the package. They run `python -m ...`, never the venv's
 launcher scripts, whose shebang lines break when the folder's path holds spaces or quotes.
+`EDGETUNE_PYTHON`, when set, names a Python that already has `wheels/` installed; the scripts then
+run it instead of `.venv/bin/python` and install nothing (tests/test_arm64_emulated.py runs the
+arm64 package this way, through qemu, where `python -m venv` cannot start pip).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ _PREAMBLE = """\
 set -e
 cd "$(dirname "$0")"
 PY="${{PYTHON:-python3}}"
-if [ ! -f .venv/edgetune-installed ]; then
+if [ -z "${{EDGETUNE_PYTHON:-}}" ] && [ ! -f .venv/edgetune-installed ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' || {{
     echo "{name}: the wheels in wheels/ are for Python {version}; set PYTHON to a Python {version}" >&2; exit 2; }}
   echo "== installing the runtime from wheels/ into .venv (first run only)" >&2
@@ -89,8 +92,9 @@ def script_texts(model: str, python_version: str = "3.11",
         "train.sh": ("-f", model, *train_args, *common, "--log", "train.jsonl"),
         "eval.sh": ("-f", trained, "-c", "0", *common),
     }
+    run = 'exec "${EDGETUNE_PYTHON:-.venv/bin/python}" -m edgetune.cli.net_runner '
     return {name: _PREAMBLE.format(name=name, major=major, minor=minor, version=python_version)
-            + "exec .venv/bin/python -m edgetune.cli.net_runner " + shlex.join(args) + "\n" for name, args in runs.items()}
+            + run + shlex.join(args) + "\n" for name, args in runs.items()}
 
 
 def clean_package_dir(out: str | os.PathLike) -> Path:
