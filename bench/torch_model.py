@@ -83,7 +83,7 @@ TORCH_OPS = {
 
 
 # meta["optimizer"]["name"] (the runtime's optimizer table) -> torch's class; the settings share torch's names
-TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def optimizer(meta: dict, parameters) -> torch.optim.Optimizer:

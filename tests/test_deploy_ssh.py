@@ -76,7 +76,7 @@ def test_scripts_are_valid_sh_and_call_net_runner_like_the_seed(tmp_path: Path) 
         (tmp_path / name).write_text(text)
         assert subprocess.run(["sh", "-n", tmp_path / name]).returncode == 0, name
         assert "pip install -q --no-index --find-links wheels 'edgetune[device]'" in text
-    run = "exec .venv/bin/python -m edgetune.cli.net_runner"
+    run = 'exec "${EDGETUNE_PYTHON:-.venv/bin/python}" -m edgetune.cli.net_runner'
     last = {name: text.strip().splitlines()[-1] for name, text in texts.items()}
     assert last["eval_untrained.sh"] == f"{run} -f model/m.tod -c 0 -d dataset --cache-dir cache"
     assert last["train.sh"].startswith(f"{run} -f model/m.tod -c 5 --lr 0.01 -d dataset")

@@ -622,7 +622,7 @@ def test_hostile_cache_segments_are_ignored_without_reading_or_hanging(tmp_path:
     again = cli("-f", model, "-d", data, "-c", "4", "--cache-dir", tmp_path / "cache", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]                      # not -7 (SIGBUS)
     assert again.stdout == first.stdout
-    ignored = sorted(Path(line.split()[-1]).name for line in again.stderr.splitlines()
+    ignored = sorted(Path(line.split()[5]).name for line in again.stderr.splitlines()  # "... segment PATH (why)"
                      if line.startswith("feature cache: ignoring damaged segment"))
     assert ignored == sorted(["evil.json", "fifo.json", "folder.json", "huge.json", "zero.json", segments[0].name])
 

@@ -10,6 +10,9 @@ package-<target>/
 The scripts create `.venv/` from `wheels/` on their first run and keep the feature cache in
 `cache/`, so nothing is written outside the package. They run `python -m ...`, never the venv's
 launcher scripts, whose shebang lines break when the folder's path holds spaces or quotes.
+`EDGETUNE_PYTHON`, when set, names a Python that already has `wheels/` installed; the scripts then
+run it instead of `.venv/bin/python` and install nothing (tests/test_arm64_emulated.py runs the
+arm64 package this way, through qemu, where `python -m venv` cannot start pip).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from edgetune.runtime.safe_read import UnsafeFile, open_regular
 SCRIPTS = ("eval_untrained.sh", "train.sh", "eval.sh")
 MARKER = ".edgetune-package"  # marks a folder clean_package_dir may empty
 
-# The demo's training run. Cached steps cost well under a millisecond, so train.sh takes 600 of
-# them (32 epochs of the 600 Fashion-MNIST training images) at lr 0.01 without stopping early:
-# validation 0.835-0.855 over seeds 0-3, where a converged L-BFGS logistic regression on the same
-# features gets 0.83-0.845 (measured 2026-11-25; lr 0.0015 needs > 1000 steps to reach 0.815).
-DEMO_TRAIN_ARGS = ("-c", "600", "--lr", "0.01", "--target-accuracy", "1.01", "-s", "200")
+# The demo's training run: `--auto` chooses learning rate, weight decay and step count on the test
+# split over the cached features (edgetune.runtime.auto; within a point of a converged L2 logistic
+# regression on the same features, bench/RESULTS.md), then trains that recipe; a checkpoint every
+# 200 steps. net_runner's own defaults stay the seed's.
+DEMO_TRAIN_ARGS = ("--auto", "-s", "200")
 
 _PREAMBLE = """\
 #!/bin/sh
@@ -42,7 +45,7 @@ _PREAMBLE = """\
 set -e
 cd "$(dirname "$0")"
 PY="${{PYTHON:-python3}}"
-if [ ! -f .venv/edgetune-installed ]; then
+if [ -z "${{EDGETUNE_PYTHON:-}}" ] && [ ! -f .venv/edgetune-installed ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' || {{
     echo "{name}: the wheels in wheels/ are for Python {version}; set PYTHON to a Python {version}" >&2; exit 2; }}
   echo "== installing the runtime from wheels/ into .venv (first run only)" >&2
@@ -89,8 +92,9 @@ def script_texts(model: str, python_version: str = "3.11",
         "train.sh": ("-f", model, *train_args, *common, "--log", "train.jsonl"),
         "eval.sh": ("-f", trained, "-c", "0", *common),
     }
+    run = 'exec "${EDGETUNE_PYTHON:-.venv/bin/python}" -m edgetune.cli.net_runner '
     return {name: _PREAMBLE.format(name=name, major=major, minor=minor, version=python_version)
-            + "exec .venv/bin/python -m edgetune.cli.net_runner " + shlex.join(args) + "\n" for name, args in runs.items()}
+            + run + shlex.join(args) + "\n" for name, args in runs.items()}
 
 
 def clean_package_dir(out: str | os.PathLike) -> Path:

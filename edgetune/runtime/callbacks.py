@@ -17,6 +17,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from edgetune.errors import UserError
+
 if TYPE_CHECKING:  # annotations only; session.py imports no callback
     from edgetune.runtime.session import TrainSession
 
@@ -35,6 +37,9 @@ class Callback:
 
     def on_save(self, session: TrainSession, path: str) -> None:
         """After the trainer saved a checkpoint to `path`."""
+
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        """After the trainer went back to the state of `step` (keep-best: its test accuracy was the best)."""
 
     def on_train_end(self, session: TrainSession) -> None:
         """After the last step of `fit` (not called when training raised)."""
@@ -69,6 +74,10 @@ class AccuracyMonitor(Callback):
         self.max_accuracy = max(self.max_accuracy, accuracy)
         print(f"accuracy on test data = {accuracy:g} max accuracy = {self.max_accuracy:g}",
               file=self.stream or sys.stdout, flush=True)
+
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        print(f"kept the weights of step {step} (best test accuracy {accuracy:g})", file=self.stream or sys.stdout,
+              flush=True)
 
 
 class _Schedule(Callback):
@@ -126,6 +135,42 @@ class CosineLR(_Schedule):
         return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
+class Warmup(_Schedule):
+    """Linear warm-up over the first `steps` steps of the model's life (the rate of step i is base * i / steps),
+    then `then`'s rate (constant when None): large early updates on a fresh head are what warm-up tames."""
+
+    def __init__(self, steps: int, then: _Schedule | None = None) -> None:
+        if int(steps) < 1:
+            raise ValueError(f"warm-up steps must be >= 1, got {steps}")
+        self.steps, self.then = int(steps), then
+
+    def rate(self, step: int, base: float) -> float:
+        if step < self.steps:  # `step` steps are done: this is the rate of step `step + 1`
+            return base * (step + 1) / self.steps
+        return self.then.rate(step, base) if self.then is not None else base
+
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_schedule(name: str, total_steps: int, warmup: int = 0) -> _Schedule | None:
+    """The schedule `--schedule NAME --warmup N` asks for, over a run ending at model step `total_steps`.
+
+    `cosine` anneals to 0 at `total_steps`; `step` divides the rate by 10 at each third of it;
+    `constant` keeps it. A warm-up comes first when `warmup` > 0. None: nothing to schedule.
+
+    Raises:
+        UserError: an unknown name, or a warm-up that is negative or not shorter than the run.
+    """
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    if warmup < 0 or (warmup and warmup >= total_steps):
+        raise UserError(f"--warmup must be >= 0 and shorter than the run ({total_steps} steps), got {warmup}")
+    total = max(int(total_steps), 1)
+    schedule = {"constant": None, "cosine": CosineLR(total), "step": StepLR(max(total // 3, 1))}[name]
+    return Warmup(warmup, schedule) if warmup else schedule
+
+
 class JsonlLogger(Callback):
     """Appends one JSON object per step and per evaluation to `path` (machine-readable training log)."""
 
@@ -141,3 +186,6 @@ class JsonlLogger(Callback):
 
     def on_evaluate(self, session: TrainSession, split: str, accuracy: float) -> None:
         self._write({"event": "evaluate", "step": session.step, "split": split, "accuracy": accuracy})
+
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        self._write({"event": "restore", "step": step, "test_accuracy": accuracy})

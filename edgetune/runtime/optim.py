@@ -170,6 +170,30 @@ class Adam(Algorithm):
         p.data -= step_size * (m / denom)
 
 
+
+@register_optimizer("adamw")
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """`torch.optim.AdamW`: Adam with decoupled weight decay, `p *= 1 - lr * weight_decay` before the step.
+
+    Adam's L2 decay passes through the moments, so a weight with large gradients is barely decayed;
+    AdamW shrinks every weight by the same factor (Loshchilov & Hutter). PyTorch's default decay, 0.01.
+    """
+
+    weight_decay: float = 1e-2
+
+    def update(self, p: Parameter, state: dict[str, np.ndarray], step: int, lr: float) -> None:
+        if self.weight_decay:
+            p.data *= 1 - lr * self.weight_decay
+        beta1, beta2 = self.betas
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m += (p.grad - m) * (1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * p.grad * p.grad
+        step_size = lr / (1 - beta1 ** step)
+        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** step) + self.eps
+        p.data -= step_size * (m / denom)
+
 class Optimizer:
     """Updates parameters from their accumulated gradients (the shape of ONNX Runtime training's `Optimizer`).
 

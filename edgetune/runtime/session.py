@@ -16,6 +16,7 @@ export). Inside, four parts in the shape of ONNX Runtime's training API, each us
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -191,6 +192,17 @@ class TrainSession:
         self.optimizer.lr = float(lr)
 
     @property
+    def weight_decay(self) -> float:
+        """The optimizer's weight decay (PyTorch semantics per optimizer); settable between steps, saved with the model."""
+        return float(self.optimizer.algorithm.weight_decay)
+
+    @weight_decay.setter
+    def weight_decay(self, value: float) -> None:
+        if not (type(value) in (int, float) and math.isfinite(value) and value >= 0):
+            raise UserError(f"weight decay must be a finite number >= 0, got {value!r}")
+        self.optimizer.algorithm = dataclasses.replace(self.optimizer.algorithm, weight_decay=float(value))
+
+    @property
     def step(self) -> int:
         """Optimizer steps taken over the model's whole life (kept across checkpoints)."""
         return self.optimizer.step_count
@@ -344,6 +356,8 @@ class TrainSession:
         meta = copy.deepcopy(self._meta)
         if self.optimizer.lr != meta["optimizer"].get("lr"):
             meta["optimizer"]["lr"] = self.optimizer.lr
+        if self.weight_decay != meta["optimizer"].get("weight_decay"):
+            meta["optimizer"]["weight_decay"] = self.weight_decay
         if self.step != meta.get("optimizer_step", 0):
             meta["optimizer_step"] = self.step
         if self._has_dropout and (self.step > 0 or "dropout_rng_state" in meta["training"]):
@@ -351,6 +365,27 @@ class TrainSession:
         return CheckpointState(meta, self.parameters(),
                                {k: v.copy() for k, v in self.optimizer.state_tensors().items()},
                                self.frozen.blob)
+
+    def restore(self, state: CheckpointState) -> None:
+        """Go back to an earlier `checkpoint_state()` of this same model (keep-best, a rejected trial).
+
+        Parameters, optimizer slots, step and settings, the training record and the dropout generator
+        all return to what they were, so saving now writes the file that a save then would have.
+
+        Raises:
+            UserError: the state is of another model (its frozen graph or trainable tensors differ).
+        """
+        if state.frozen_graph is not self.frozen.blob and state.frozen_graph != self.frozen.blob:
+            raise UserError("cannot restore the state of another model (its frozen graph differs)")
+        self.load_parameters(state.parameters)
+        self.optimizer.load_state(state.optimizer_state)
+        self.optimizer.step_count = int(state.meta.get("optimizer_step", 0))
+        self.optimizer.algorithm = type(self.optimizer.algorithm).from_meta(state.meta["optimizer"])
+        self.optimizer.lr = float(state.meta["optimizer"]["lr"])
+        self._meta["training"] = copy.deepcopy(state.meta["training"])
+        rng_state = state.meta["training"].get("dropout_rng_state")
+        if rng_state is not None:
+            self.module.rng.bit_generator.state = rng_state
 
     def save(self, path: str | os.PathLike) -> str:
         """Write a full checkpoint (params, optimizer slots and step, lr, record) atomically.

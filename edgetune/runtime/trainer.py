@@ -57,6 +57,9 @@ class Trainer:
         progress: called as `progress(what, done, total)` while streaming a split through the model.
         after_callback: passed to every training step's `run_head` (the seed's verbose mode).
         save_every: save a full checkpoint every this many steps (0: never), as the seed's `-s`.
+        keep_best: at the end of `fit`, go back to the state of the step with the best test accuracy
+            (ties: the earlier step; the last step is evaluated too), so the model saved after
+            training is the best one measured, not the last. Callbacks are told by `on_restore`.
         checkpoint_pattern: checkpoint path with a `{step}` field; default `<model>_trained_{step}.tod`
             next to the file the session was loaded from. The default is never built from
             `meta["name"]`: that is text from inside the model file (it could hold `../` or `/`),
@@ -71,7 +74,7 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), seed: int = 0, test_every: int = 20,
                  target_accuracy: float | None = 0.9, progress: Progress | None = None,
                  after_callback: AfterCallback | None = None, save_every: int = 0,
-                 checkpoint_pattern: str | os.PathLike | None = None) -> None:
+                 checkpoint_pattern: str | os.PathLike | None = None, keep_best: bool = False) -> None:
         if len(train) == 0:
             raise UserError("the train split is empty: nothing to train on")
         if int(save_every) < 0 or int(test_every) < 0:
@@ -84,6 +87,10 @@ class Trainer:
         self.checkpoint_pattern = _checkpoint_pattern(session, checkpoint_pattern) if self.save_every else None
         self.saved: list[str] = []
         self.stop = False
+        self.keep_best = bool(keep_best)
+        if self.keep_best and test is None:
+            raise UserError("keep_best needs a test split to measure which step is best")
+        self.best: tuple[int, float] | None = None  # (step, test accuracy) of the state kept by keep_best
         record = session.record
         if record.get("rng_state") is None:
             self._rng = np.random.Generator(np.random.PCG64(int(seed)))
@@ -127,6 +134,8 @@ class Trainer:
         session = self.session
         session.train()
         self._tell("on_train_begin", session)
+        best = None  # (accuracy, step, state) of the best evaluation so far, with keep_best
+        last = None  # (step, accuracy) of the last test evaluation
         for _ in range(cycles):
             idx = self._next_batch()
             session.run_head(self._features(self.train, idx), self.train.labels[idx], self.after_callback)
@@ -135,16 +144,34 @@ class Trainer:
             self._tell("on_step", session, step, session.loss)
             if self.test is not None and self.test_every and step % self.test_every == 0:
                 accuracy = self.evaluate("test")
+                last = (step, accuracy)
                 self.stop = self.target_accuracy is not None and accuracy > self.target_accuracy
+                if self.keep_best and (best is None or accuracy > best[0]):
+                    best = (accuracy, step, session.checkpoint_state())
             if self.save_every and step % self.save_every == 0:
                 path = session.save(self.checkpoint_pattern.format(step=step))
                 self.saved.append(path)
                 self._tell("on_save", session, path)
             if self.stop:
                 break
+        if self.keep_best and cycles > 0:
+            self._keep_best(best, last)
         self._flush_cache()
         self._tell("on_train_end", session)
         return self
+
+    def _keep_best(self, best: tuple[float, int, Any] | None, last: tuple[int, float] | None) -> None:
+        """Evaluate the last step if it was not, then go back to the best state (ties: the earlier)."""
+        session = self.session
+        final = last[1] if last is not None and last[0] == session.step else self.evaluate("test")
+        if best is None or final > best[0]:
+            self.best = (session.step, final)
+            return
+        accuracy, step, state = best
+        self.best = (step, accuracy)
+        if step != session.step:
+            session.restore(state)
+            self._tell("on_restore", session, step, accuracy)
 
     def evaluate(self, name: str = "test", split: Split | None = None) -> float:
         """Accuracy on a named split, kept in the session's record and told to every callback.
