@@ -125,7 +125,7 @@ def _auto(args: argparse.Namespace, session, data, trainer) -> int:
     from edgetune.runtime import format as tod_format
     from edgetune.runtime.callbacks import CosineLR
 
-    progress = None if args.quiet else FeatureProgress()
+    progress = None if args.quiet else FeatureProgress(what="searching", unit="candidate")
     result = auto.search(session, data.train, data.test, model=tod_format.load_file(args.model), seed=args.seed,
                          budget=auto.DEFAULT_BUDGET if args.auto_budget is None else args.auto_budget,
                          progress=progress)
@@ -202,16 +202,17 @@ def _sample_bytes(session) -> int:
 
 
 class FeatureProgress:
-    """Progress on stderr while the backbone runs over a split: `progress(what, done, total)`."""
+    """Progress on stderr of work told as `progress(what, done, total)`: the backbone over a split
+    (`extracting train: 120/600 img`), or the `--auto` candidates (`searching auto: 3/12 candidate`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "extracting", unit: str = "img") -> None:
         self.bar: Progress | None = None
-        self.what = ""
+        self.what, self.verb, self.unit = "", what, unit
 
     def __call__(self, what: str, done: int, total: int) -> None:
         """Advance the bar of `what`; a new label (or a restart) begins a new bar."""
         if self.bar is None or self.what != what or done < self.bar.done:
-            self.bar, self.what = Progress(f"extracting {what}", total), what
+            self.bar, self.what = Progress(f"{self.verb} {what}", total, unit=self.unit), what
         self.bar.update(done - self.bar.done)
         if done >= total:
             self.bar.close()
