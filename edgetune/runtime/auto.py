@@ -55,6 +55,7 @@ from edgetune.runtime.trainer import Split, Trainer
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "sgd": (0.003, 0.01, 0.03, 0.1),
     "adam": (0.0003, 0.001, 0.003, 0.01),
+    "adamw": (0.0003, 0.001, 0.003, 0.01),
 }
 # Weight decays tried, as multiples of 1 / n_train (PyTorch semantics: `grad += decay * weight`). On a
 # dense head, decay d is the L2 penalty of scikit-learn's LogisticRegression with C = 1 / (d * n_train):
