@@ -10,8 +10,11 @@ import argparse
 import os
 from pathlib import Path
 
-from edgetune.convert.spec import OPTIMIZERS, SGD, Adam
+from edgetune.convert.spec import OPTIMIZERS, SGD, Adam, Algorithm
 from edgetune.errors import UserError
+
+# optimizer settings with a command-line option; each applies to the optimizers that have that setting
+SETTING_OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,21 +26,29 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights (default 0)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="default sgd")
     parser.add_argument("--lr", type=float, help=f"learning rate (default sgd {SGD.lr}, adam {Adam.lr})")
-    parser.add_argument("--momentum", type=float, default=SGD.momentum, help="sgd")
-    parser.add_argument("--dampening", type=float, default=SGD.dampening, help="sgd")
-    parser.add_argument("--nesterov", action="store_true", help="sgd")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (sgd and adam)")
-    parser.add_argument("--betas", type=float, nargs=2, default=Adam.betas, metavar=("B1", "B2"), help="adam")
-    parser.add_argument("--eps", type=float, default=Adam.eps, help="adam")
+    parser.add_argument("--momentum", type=float, help=f"sgd (default {SGD.momentum})")
+    parser.add_argument("--dampening", type=float, help=f"sgd (default {SGD.dampening})")
+    parser.add_argument("--nesterov", action="store_true", default=None, help="sgd")
+    parser.add_argument("--weight-decay", type=float, help="L2 penalty (sgd and adam; default 0)")
+    parser.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+                        help=f"adam (default {' '.join(map(str, Adam.betas))})")
+    parser.add_argument("--eps", type=float, help=f"adam (default {Adam.eps})")
 
 
-def optimizer_from(args: argparse.Namespace) -> SGD | Adam:
-    """The optimizer spec the options describe."""
-    if args.optimizer == "adam":
-        return Adam(lr=Adam.lr if args.lr is None else args.lr, betas=tuple(args.betas), eps=args.eps,
-                    weight_decay=args.weight_decay)
-    return SGD(lr=SGD.lr if args.lr is None else args.lr, momentum=args.momentum, dampening=args.dampening,
-               weight_decay=args.weight_decay, nesterov=args.nesterov)
+def optimizer_from(args: argparse.Namespace) -> Algorithm:
+    """The optimizer entry the options describe: the chosen one's defaults, overridden by the options given.
+
+    Raises:
+        UserError: an option the chosen optimizer does not have, or a bad value.
+    """
+    algorithm = OPTIMIZERS[args.optimizer]
+    settings = set(algorithm.settings())
+    given = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name, None) is not None}
+    foreign = sorted(set(given) - settings)
+    if foreign:
+        raise UserError(f"--{foreign[0].replace('_', '-')} is not a setting of {args.optimizer} "
+                        f"(it has {', '.join(sorted(settings))})")
+    return algorithm(**given)
 
 
 def class_names_from(args: argparse.Namespace) -> tuple[int, list[str] | None]:
@@ -73,8 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     num_classes, names = class_names_from(args)
-    optimizer = optimizer_from(args)
-    optimizer.to_meta()  # reject bad settings before the slow part
+    optimizer = optimizer_from(args)  # bad settings fail here, before the slow part
     if args.head_hidden is not None and args.head_hidden < 1:
         raise UserError(f"--head-hidden must be >= 1, got {args.head_hidden}")
     if args.dropout and (args.head_hidden is None or not 0 <= args.dropout < 1):

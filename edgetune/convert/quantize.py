@@ -154,7 +154,7 @@ def quantize_frozen(blob: bytes, input_name: str, preprocessing: dict[str, Any],
 
     Raises:
         UserError: bad options, an unusable dataset, a node to exclude that is not in the graph,
-            or a result that is not a portable graph.
+            or a result that is not a portable graph the device's checker admits.
     """
     spec.check()
     model = onnx.load_from_string(blob)
@@ -171,6 +171,7 @@ def quantize_frozen(blob: bytes, input_name: str, preprocessing: dict[str, Any],
         bool(spec.reduce_range), "set explicitly")
     quantized, eight_bit = _quantize(model, input_name, split, picked, spec, reduce_range)
     check_portable(quantized)
+    frozen.check(quantized, input_name, tuple(_image_chw(model, input_name)))  # the device's own allow-list
     digest = hashlib.sha256("\n".join(sorted(split.keys[i] for i in picked)).encode()).hexdigest()
     record = {
         "scheme": "int8", "format": "QDQ", "tool": f"onnxruntime.quantization {metadata.version('onnxruntime')}",
@@ -183,6 +184,12 @@ def quantize_frozen(blob: bytes, input_name: str, preprocessing: dict[str, Any],
         "nodes_excluded": sorted(spec.exclude),
     }
     return quantized, record
+
+
+def _image_chw(model: onnx.ModelProto, input_name: str) -> list[int]:
+    """The fixed (C, H, W) of the frozen graph's image input."""
+    value = next(v for v in model.graph.input if v.name == input_name)
+    return [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
 
 
 def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8) -> str:
