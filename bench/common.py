@@ -1,8 +1,10 @@
 """What every benchmarked system shares: arguments, data, batch order and the seed-style log.
 
 Each system is a separate script run in its own process by ``bench/run.py``. They all read the
-same prepared image folder through edgetune's loader (Pillow + numpy, the preprocessing stored in
-the ``.tod``), so decoding costs the same everywhere, and they print the lines ``net_runner``
+same prepared image folder through edgetune's loader (its numpy BMP reader, the preprocessing stored
+in the ``.tod``), so decoding costs the same everywhere (the true floor decodes everything before it
+starts its clock), draw their training batches in the Trainer's order (``batch_order``), and print
+the lines ``net_runner``
 prints (``i: Loss is X [min=Y]``, ``accuracy on test data = ...``, ``accuracy on validation
 data = ...``) so that one parser times every system the same way.
 

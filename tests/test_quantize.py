@@ -272,10 +272,12 @@ def test_lite0_int8_tracks_fp32_on_real_images_and_trains(lite0_onnx, lite0_tod,
                                                           tmp_path, capsys) -> None:
     """Lite0 converted with the default calibration (300 train images of the 100-per-class Fashion-MNIST set).
 
-    Tolerances, on 100 validation images the calibration never saw (features = Lite0's 1000 ImageNet
-    logits; measured on fm300's 600 validation images with the same settings: cosine min COS_MIN_MEASURED,
-    mean COS_MEAN_MEASURED, top-1 agreement TOP1_MEASURED): every image's cosine similarity to fp32 >= LITE0_COS_MIN,
-    the mean >= LITE0_COS_MEAN, and the top-1 logit the same as fp32's on >= LITE0_TOP1 of the images.
+    Tolerances, on 100 validation images the calibration never saw (the features are Lite0's 1000
+    ImageNet logits): every image's cosine similarity to fp32 >= 0.80, the mean >= 0.95, and the
+    same top-1 logit as fp32 on >= 60% of the images. Measured with the same settings on the 600
+    validation images of Fashion-MNIST 300 per class: min 0.870, mean 0.969, top-1 agreement 0.700,
+    and a linear probe within 0.7 points of fp32 (bench/QUANT_ACCURACY.md). A saturating int8 graph
+    (8-bit weights on this x86 CPU without VNNI) gives min 0.57, mean 0.86, top-1 0.43.
     """
     from edgetune.cli import net_runner
     from edgetune.convert import convert
@@ -288,8 +290,8 @@ def test_lite0_int8_tracks_fp32_on_real_images_and_trains(lite0_onnx, lite0_tod,
     x = validation.images(range(0, len(validation), 2))
     a, b = fp32_session.extract_features(x), int8_session.extract_features(x)
     cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() >= LITE0_COS_MIN and cosine.mean() >= LITE0_COS_MEAN
-    assert np.mean(a.argmax(1) == b.argmax(1)) >= LITE0_TOP1
+    assert cosine.min() >= 0.80 and cosine.mean() >= 0.95, (cosine.min(), cosine.mean())
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.60
 
     # net_runner trains it, saves a checkpoint and resumes from it exactly like an fp32 model
     model = Path(shutil.copy(int8, tmp_path / "m.tod"))

@@ -220,6 +220,61 @@ def batch_mixing_reshape(m: onnx.ModelProto) -> None:
     m.graph.node.append(helper.make_node("Reshape", ["features", "flat"], ["mixed"]))
 
 
+def qdq(m: onnx.ModelProto) -> None:
+    """The tiny graph in QDQ form, as `convert --quantize int8` writes it: the image through
+    QuantizeLinear/DequantizeLinear (one scale), the conv weight int8 with one scale per output channel,
+    the bias int32."""
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    b = numpy_helper.to_array(m.graph.initializer[1])
+    w_scale = (np.abs(w).reshape(len(w), -1).max(1) / 127).astype(np.float32)
+    b_scale = (w_scale * np.float32(2 / 255)).astype(np.float32)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend([
+        _const("x.scale", np.float32(2 / 255)), _const("x.zero", np.uint8(128)),
+        _const("w.q", np.round(w / w_scale[:, None, None, None]).astype(np.int8)), _const("w.scale", w_scale),
+        _const("w.zero", np.zeros(len(w), np.int8)),
+        _const("b.q", np.round(b / b_scale).astype(np.int32)), _const("b.scale", b_scale),
+        _const("b.zero", np.zeros(len(b), np.int32))])
+    m.graph.node.insert(0, helper.make_node("QuantizeLinear", ["data", "x.scale", "x.zero"], ["x.q"], name="q_data"))
+    m.graph.node.insert(1, helper.make_node("DequantizeLinear", ["x.q", "x.scale", "x.zero"], ["x.dq"], name="dq_data"))
+    m.graph.node.insert(2, helper.make_node("DequantizeLinear", ["w.q", "w.scale", "w.zero"], ["conv.w"], axis=0,
+                                            name="dq_w"))
+    m.graph.node.insert(3, helper.make_node("DequantizeLinear", ["b.q", "b.scale", "b.zero"], ["conv.b"], axis=0,
+                                            name="dq_b"))
+    m.graph.node[4].input[0] = "x.dq"
+
+
+def _qdq_then(mutate: Callable[[onnx.ModelProto], None]) -> Callable[[onnx.ModelProto], None]:
+    def both(m: onnx.ModelProto) -> None:
+        qdq(m)
+        mutate(m)
+    return both
+
+
+def _qdq_node(m: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in m.graph.node if n.name == name)
+
+
+def qdq_scale_per_channel_of_another_size(m: onnx.ModelProto) -> None:
+    m.graph.initializer.extend([_const("w.scale7", np.ones(7, np.float32)), _const("w.zero7", np.zeros(7, np.int8))])
+    _qdq_node(m, "dq_w").input[1:] = ["w.scale7", "w.zero7"]
+
+
+def qdq_scale_along_the_batch(m: onnx.ModelProto) -> None:
+    m.graph.initializer.extend([_const("x.scale4", np.ones(4, np.float32)), _const("x.zero4", np.zeros(4, np.uint8))])
+    node = _qdq_node(m, "q_data")
+    node.input[1:] = ["x.scale4", "x.zero4"]
+    node.attribute.append(helper.make_attribute("axis", 0))
+
+
+def qdq_zero_point_not_the_scale_shape(m: onnx.ModelProto) -> None:
+    _qdq_node(m, "dq_w").input[2] = "x.zero"
+
+
+def qdq_axis_out_of_range(m: onnx.ModelProto) -> None:
+    next(a for a in _qdq_node(m, "dq_w").attribute if a.name == "axis").i = 4
+
+
 GRAPH_CASES: dict[str, tuple[Callable[[onnx.ModelProto], None] | bytes, str]] = {
     "external initializer ./.ssh/id_rsa": (external_initializer, "external file ('.ssh/id_rsa')"),
     "external data_location alone": (external_location_only, "external file"),
@@ -242,6 +297,13 @@ GRAPH_CASES: dict[str, tuple[Callable[[onnx.ModelProto], None] | bytes, str]] = 
     "broadcast to (N, 8, 600000)": (broadcast_bomb, "elements per image, over the limit"),
     "Concat doubling 24 times": (concat_doubling, "elements per image, over the limit"),
     "reshape mixing the batch": (batch_mixing_reshape, "cannot reshape ['N', 8] to [-1] for every batch size"),
+    "QDQ scale: 7 for 8 channels": (_qdq_then(qdq_scale_per_channel_of_another_size),
+                                    "scale [7] is neither one value nor one per entry of axis 0"),
+    "QDQ scale along the batch": (_qdq_then(qdq_scale_along_the_batch),
+                                  "scale [4] is neither one value nor one per entry of axis 0 of ['N', 3, 8, 8]"),
+    "QDQ zero point not the scale's shape": (_qdq_then(qdq_zero_point_not_the_scale_shape),
+                                             "zero point [] and scale [8] differ in shape"),
+    "QDQ axis out of range": (_qdq_then(qdq_axis_out_of_range), "axis 4 is out of range for [8, 3, 3, 3]"),
     "not protobuf": (b"\xff" * 64, "not a valid ONNX model"),
     "unknown model field 111": (frozen_onnx() + bytes([0xF8, 0x06, 0x01]), "unknown field 111"),
 }
@@ -359,6 +421,25 @@ def test_honest_models_load_under_the_same_bounds(world: Path, data: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     report = graph_check.admit_frozen_graph(_frozen_graph(16, 224), ("data", "features"), (3, 224, 224), 4)
     assert report.output == ("N", 16) and report.ops == {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1, "Flatten": 1}
+
+
+def test_int8_qdq_graph_passes_the_checker_and_trains(world: Path, data: Path) -> None:
+    """The QDQ form of the tiny graph (what `convert --quantize int8` makes): admitted, its dequantized
+    weights counted once as weights (not per image), and it trains under the same cap and timeout."""
+    m = onnx.load_from_string(frozen_onnx())
+    qdq(m)
+    onnx.checker.check_model(m, full_check=True)
+    blob = m.SerializeToString()
+    report = check_frozen_graph(blob, ("data", "features"), TINY_SHAPE)
+    fp32 = check_frozen_graph(frozen_onnx(), ("data", "features"), TINY_SHAPE)
+    assert report.ops == {"QuantizeLinear": 1, "DequantizeLinear": 3, "Conv": 1, "Relu": 1, "GlobalAveragePool": 1,
+                          "Flatten": 1}
+    assert report.peak_bytes == fp32.peak_bytes  # the dequantized weights are not activations
+    int8_initializers = (4 + 1) + (8 * 27 + 8 * 4 + 8) + (8 * 4 * 3)  # image q; weight q, scales, zeros; bias
+    assert report.weight_bytes == int8_initializers + fp32.weight_bytes  # + the dequantized float weights, once
+    model = save(with_graph(blob), world / "model.tod")
+    done = cli("-f", model, "-d", data, "-c", "3", "-q", cwd=world)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # --- the sizes a meta declares ---------------------------------------------------------------

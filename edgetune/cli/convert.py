@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 
 from edgetune.cli.export import add_training_arguments, class_names_from, optimizer_from
-from edgetune.convert.quantize import METHODS, SCHEMES, Int8
-from edgetune.convert.spec import PREPROCESSING_PRESETS
+from edgetune.convert.spec import METHODS, PREPROCESSING_PRESETS, SCHEMES, Int8
 from edgetune.errors import UserError
 
 REDUCE_RANGE = {"auto": None, "on": True, "off": False}

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"convert": "converter", "convert_backbone": "converter", "tod_path": "converter",
-            "SGD": "spec", "Adam": "spec", "Int8": "quantize", "quantize_tod": "quantize"}
+            "SGD": "spec", "Adam": "spec", "Int8": "spec", "quantize_tod": "converter"}
 __all__ = sorted(_EXPORTS)
 
 

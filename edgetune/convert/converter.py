@@ -8,6 +8,7 @@ passed, and the write itself is atomic (`format.save_file`).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -19,13 +20,13 @@ import onnx
 
 from edgetune import __version__
 from edgetune.convert import frozen
-from edgetune.convert.quantize import Int8, quantize_frozen
-from edgetune.convert.spec import METADATA_KEY, SGD, Algorithm, check_loss, optimizer_slots
+from edgetune.convert.quantize import quantize_frozen
+from edgetune.convert.spec import METADATA_KEY, SGD, Algorithm, Int8, check_loss, optimizer_slots
 from edgetune.convert.spec import preprocessing as preset
 from edgetune.convert.split import split_head
 from edgetune.errors import UserError
 from edgetune.runtime.bounds import memory_limit
-from edgetune.runtime.format import TodFile, save_file
+from edgetune.runtime.format import TodFile, load_file, save_file
 from edgetune.runtime.safe_read import read_file
 from edgetune.runtime.head import head_graph
 from edgetune.runtime.module import Module
@@ -195,3 +196,31 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
         for slot in optimizer_slots(meta["optimizer"]):
             tensors[f"optim/{name}/{slot}"] = np.zeros_like(value, np.float32)
     return save_file(TodFile(meta=meta, tensors=tensors, blobs={FROZEN_BLOB: blob}), path)
+
+
+def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8) -> str:
+    """Write a `.tod` like `model` whose frozen part is quantized; head, optimizer state and record are kept.
+
+    Args:
+        model: a `.tod` with an fp32 frozen part (from `edgetune convert`, or a checkpoint).
+        output: the new model's path, `.tod` appended unless present.
+        spec: the options.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserError: the frozen part is already quantized, or anything `quantize_frozen` refuses.
+        TodError: `model` is not a readable `.tod`.
+    """
+    tod = load_file(os.fspath(model))
+    meta = copy.deepcopy(tod.meta)
+    if meta["frozen"].get("quantization"):
+        raise UserError(f"{os.fspath(model)}: its frozen part is already quantized "
+                        f"({meta['frozen']['quantization'].get('scheme')})")
+    name = meta["frozen"]["blob"]
+    blob, meta["frozen"]["quantization"] = quantize_frozen(bytes(tod.blobs[name]), meta["frozen"]["input"],
+                                                           meta["preprocessing"], spec, meta["num_classes"])
+    path = tod_path(output)
+    meta["name"] = os.path.basename(path)[: -len(".tod")]
+    return save_file(TodFile(meta=meta, tensors=dict(tod.tensors), blobs={**tod.blobs, name: blob}), path)

@@ -25,14 +25,12 @@ fuses the QDQ pairs into its int8 kernels (QLinearConv, ...) when the device loa
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import os
 import platform
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -40,57 +38,15 @@ import numpy as np
 import onnx
 
 from edgetune.convert import frozen
+from edgetune.convert.spec import Int8
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.dataset import Split, load_dataset
-from edgetune.runtime.format import TodFile, load_file, save_file
 
-SCHEMES = ("int8",)
-METHODS = ("minmax", "percentile", "entropy")
 CALIBRATION_BATCH = 1     # images per calibration run: the histogram methods need equal shapes in every run
 HELD_IMAGES = 8           # at most this many images' activations (~30 MB each for Lite0) are held at once
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-@dataclass(frozen=True)
-class Int8:
-    """How to quantize the frozen part to int8 (onnxruntime static quantization, QDQ format).
-
-    Args:
-        calibration: a dataset prepared by `edgetune prepare-data` (classes.txt + class folders);
-            calibration images come from its train split.
-        images: calibration images in all, the same number from every class (a class with fewer
-            train images gives all it has).
-        method: how each activation's range is chosen from the calibration outputs: `minmax`
-            (the extremes seen), `percentile` (each tensor's histogram with its `percentile` tails
-            cut) or `entropy` (the range whose 8-bit histogram keeps the most information, KL).
-        percentile: for `percentile`, the share of values kept, in percent.
-        reduce_range: 7-bit weights (see the module docstring); None decides from the host CPU.
-        per_channel: one weight scale per output channel (else one per tensor).
-        exclude: names of frozen-graph nodes left in fp32.
-    """
-
-    calibration: str | os.PathLike
-    images: int = 300
-    method: str = "percentile"
-    percentile: float = 99.999
-    reduce_range: bool | None = None
-    per_channel: bool = True
-    exclude: tuple[str, ...] = ()
-
-    def check(self) -> None:
-        """Refuse bad options before any image is read.
-
-        Raises:
-            UserError: an unknown method, no images, a percentile outside (0, 100].
-        """
-        if self.method not in METHODS:
-            raise UserError(f"unknown calibration method {self.method!r}; known: {', '.join(METHODS)}")
-        if int(self.images) < 1:
-            raise UserError(f"calibration needs at least 1 image, got {self.images}")
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise UserError(f"the calibration percentile must be in (0, 100], got {self.percentile}")
 
 
 def host_reduce_range(cpuinfo: str | os.PathLike = "/proc/cpuinfo", machine: str | None = None) -> tuple[bool, str]:
@@ -192,36 +148,6 @@ def _image_chw(model: onnx.ModelProto, input_name: str) -> list[int]:
     return [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
 
 
-def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8) -> str:
-    """Write a `.tod` like `model` whose frozen part is quantized; head, optimizer state and record are kept.
-
-    Args:
-        model: a `.tod` with an fp32 frozen part (from `edgetune convert`, or a checkpoint).
-        output: the new model's path, `.tod` appended unless present.
-        spec: the options.
-
-    Returns:
-        The path written.
-
-    Raises:
-        UserError: the frozen part is already quantized, or anything `quantize_frozen` refuses.
-        TodError: `model` is not a readable `.tod`.
-    """
-    from edgetune.convert.converter import tod_path
-
-    tod = load_file(os.fspath(model))
-    meta = copy.deepcopy(tod.meta)
-    if meta["frozen"].get("quantization"):
-        raise UserError(f"{os.fspath(model)}: its frozen part is already quantized "
-                        f"({meta['frozen']['quantization'].get('scheme')})")
-    name = meta["frozen"]["blob"]
-    blob, meta["frozen"]["quantization"] = quantize_frozen(bytes(tod.blobs[name]), meta["frozen"]["input"],
-                                                           meta["preprocessing"], spec, meta["num_classes"])
-    path = tod_path(output)
-    meta["name"] = os.path.basename(path)[: -len(".tod")]
-    return save_file(TodFile(meta=meta, tensors=dict(tod.tensors), blobs={**tod.blobs, name: blob}), path)
-
-
 def _quantize(model: onnx.ModelProto, input_name: str, split: Split, picked: np.ndarray, spec: Int8,
               reduce_range: bool) -> tuple[bytes, list[str]]:
     """onnxruntime's pre-process + quantize_static in a temporary directory.
@@ -281,7 +207,7 @@ class _Reader:
     `set_range` limits it to a window of batches (for `CalibStridedMinMax`), `len` counts all."""
 
     def __init__(self, split: Split, picked: np.ndarray, input_name: str) -> None:
-        self.split, self.input_name = split, input_name
+        self.split, self.input_name, self.picked = split, input_name, picked
         self.batches = [picked[i:i + CALIBRATION_BATCH] for i in range(0, len(picked), CALIBRATION_BATCH)]
         self.next, self.end = 0, len(self.batches)
         self.progress = Progress("calibrating the int8 frozen part", len(picked))
@@ -294,7 +220,7 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.next >= self.end:
-            if self.progress.done == self.progress.total and self.end == len(self.batches):
+            if self.progress.done == len(self.picked) and self.end == len(self.batches):
                 self.progress.close()
             return None
         idx = self.batches[self.next]

@@ -1,4 +1,4 @@
-"""Plain data shared by export (host) and convert: the optimizer and loss tables, preprocessing presets.
+"""Plain data shared by export (host) and convert: the optimizer and loss tables, preprocessing presets, int8 options.
 
 Torch-free and onnx-free on purpose: `edgetune convert --backbone-onnx` builds a model with an
 optimizer and a preprocessing preset but never imports torch, and the CLI builds its parsers from
@@ -9,6 +9,8 @@ here. The optimizers (`SGD`, `Adam`, ...) and losses are the runtime's own entri
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 from edgetune.errors import UserError
@@ -16,7 +18,7 @@ from edgetune.runtime.ops.loss import LOSSES
 from edgetune.runtime.optim import OPTIMIZERS, SGD, Adam, Algorithm
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LOSSES", "METADATA_KEY", "OPTIMIZERS", "PREPROCESSING_PRESETS", "SGD",
-           "Adam", "Algorithm", "check_loss", "optimizer_slots", "preprocessing"]
+           "Adam", "Algorithm", "Int8", "METHODS", "SCHEMES", "check_loss", "optimizer_slots", "preprocessing"]
 
 METADATA_KEY = "edgetune"  # the training graph's metadata_props key holding its JSON metadata
 
@@ -60,3 +62,49 @@ def check_loss(loss: str) -> str:
 def optimizer_slots(optimizer_meta: dict[str, Any]) -> tuple[str, ...]:
     """The state tensors (`optim/<param>/<slot>`) an optimizer keeps per parameter."""
     return Algorithm.from_meta(optimizer_meta).slots
+
+
+# --- int8 quantization of the frozen part (options only; the work is edgetune.convert.quantize) ---
+
+SCHEMES = ("int8",)
+METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Int8:
+    """How to quantize the frozen part to int8 (onnxruntime static quantization, QDQ format).
+
+    Args:
+        calibration: a dataset prepared by `edgetune prepare-data` (classes.txt + class folders);
+            calibration images come from its train split.
+        images: calibration images in all, the same number from every class (a class with fewer
+            train images gives all it has).
+        method: how each activation's range is chosen from the calibration outputs: `minmax`
+            (the extremes seen), `percentile` (each tensor's histogram with its `percentile` tails
+            cut) or `entropy` (the range whose 8-bit histogram keeps the most information, KL).
+        percentile: for `percentile`, the share of values kept, in percent.
+        reduce_range: 7-bit weights (see edgetune.convert.quantize); None decides from the host CPU.
+        per_channel: one weight scale per output channel (else one per tensor).
+        exclude: names of frozen-graph nodes left in fp32.
+    """
+
+    calibration: str | os.PathLike
+    images: int = 300
+    method: str = "percentile"
+    percentile: float = 99.999
+    reduce_range: bool | None = None
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuse bad options before any image is read.
+
+        Raises:
+            UserError: an unknown method, no images, a percentile outside (0, 100].
+        """
+        if self.method not in METHODS:
+            raise UserError(f"unknown calibration method {self.method!r}; known: {', '.join(METHODS)}")
+        if int(self.images) < 1:
+            raise UserError(f"calibration needs at least 1 image, got {self.images}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise UserError(f"the calibration percentile must be in (0, 100], got {self.percentile}")
