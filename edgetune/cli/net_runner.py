@@ -54,12 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the weights of the step with the best test accuracy (ties: the earlier), "
                              "not the last step's; the log says which step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and dropout (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the backbone (default 1)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="onnxruntime threads for the backbone (default: the cores this process may use, "
+                             "here %(default_cores)s; 1 = the seed's behaviour)" % {"default_cores": _cores()})
     parser.add_argument("--no-cache", action="store_true", help="run the backbone for every batch (no feature cache)")
     parser.add_argument("--cache-dir", type=Path, help="keep the feature cache on disk here (reused across runs)")
     parser.add_argument("--log", type=Path, help="write one JSON line per step and per evaluation")
     parser.add_argument("--plot", type=Path, help="save loss and accuracy curves (PNG; needs matplotlib)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-step lines and no progress bar")
+
+
+def _cores() -> int:
+    from edgetune.runtime.bounds import available_cores
+
+    return available_cores()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from edgetune.runtime.trainer import Trainer
 
     _check_args(args)
-    session = TrainSession.create(args.model, Context(threads=args.threads, cache=not args.no_cache,
-                                                      cache_dir=args.cache_dir))
+    threads = {} if args.threads is None else {"threads": args.threads}
+    session = TrainSession.create(args.model, Context(**threads, cache=not args.no_cache, cache_dir=args.cache_dir))
     data = load_dataset(args.data, session.preprocessing, num_classes=session.num_classes)
     for split in (data.validation, *((data.train, data.test) if args.cycles > 0 else ())):
         if len(split) == 0:
@@ -182,8 +190,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.test_every < 1:
         raise UserError("--test-every must be >= 1")
-    if args.threads < 1:
-        raise UserError("--threads must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.auto_budget is not None and not args.auto:
         raise UserError("--auto-budget goes with --auto")
     if args.auto_budget is not None and not (args.auto_budget > 0 and math.isfinite(args.auto_budget)):

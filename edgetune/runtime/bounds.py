@@ -1,4 +1,4 @@
-"""Upper bounds on every size an input declares, and the memory budget a model must fit in.
+"""Upper bounds on every size an input declares, the memory budget a model must fit in, the cores to use.
 
 A model file or a dataset from someone else states sizes (image side, batch, class count, feature
 width, file and tensor lengths) before the data that backs them. Each has a limit here, checked
@@ -35,6 +35,18 @@ MAX_IDX_BYTES = 256 << 20    # an IDX file, also once gunzipped (Fashion-MNIST's
 
 class OverBudget(UserError):
     """Loading or running a model would need more memory than this process can get."""
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or `taskset`'s limit).
+
+    `os.cpu_count()` counts the machine's cores, which overcommits a process pinned to fewer;
+    platforms without `sched_getaffinity` (macOS, Windows) fall back to it.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def available_memory() -> tuple[int, str] | None:

@@ -11,12 +11,13 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgetune.errors import UserError
+from edgetune.runtime.bounds import available_cores
 from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
 from edgetune.runtime.graph_check import admit_frozen_graph
 from edgetune.runtime.ort import onnxruntime
@@ -27,7 +28,9 @@ class Context:
     """How a session runs its frozen part.
 
     Args:
-        threads: onnxruntime intra-op threads for the frozen part (inter-op is always 1).
+        threads: onnxruntime intra-op threads for the frozen part (inter-op is always 1). Default:
+            every core this process may use (`bounds.available_cores`); 1 is the seed's behaviour.
+            Not part of the cache key: a disk cache written with one count is reused by another.
         cache: reuse each sample's frozen features (exact: the backbone is deterministic). Turn it
             off when inputs change between epochs (augmentation) or to measure the uncached speed.
         cache_dir: keep the cache in memory-mapped files under this directory (large sets, and
@@ -35,18 +38,32 @@ class Context:
         feature_batch: at most this many images go through the frozen graph at once; bounds the
             activation memory (Lite0, 1 thread, measured run peak: +140 MB at 16 images, +80 MB
             at 8, +67 MB at 4) at no cost in speed. Features do not depend on it (bit-identical).
+        prefetch: batches of `feature_batch` images decoded ahead by a producer thread while the
+            frozen graph runs the current one (`edgetune.runtime.pipeline`); 0 decodes in series.
+            None (default): 2 with more than one thread, 0 with one (the seed's behaviour: one
+            core, nothing overlapped). Features do not depend on it (bit-identical).
     """
 
-    threads: int = 1
+    threads: int = field(default_factory=available_cores)
     cache: bool = True
     cache_dir: str | os.PathLike | None = None
     feature_batch: int = 4
+    prefetch: int | None = None
 
     def __post_init__(self) -> None:
         if int(self.threads) < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if int(self.feature_batch) < 1:
             raise UserError(f"feature_batch must be >= 1, got {self.feature_batch}")
+        if self.prefetch is not None and int(self.prefetch) < 0:
+            raise UserError(f"prefetch must be >= 0, got {self.prefetch}")
+
+    @property
+    def decode_ahead(self) -> int:
+        """The prefetch depth in effect (see `prefetch`)."""
+        if self.prefetch is not None:
+            return int(self.prefetch)
+        return 2 if int(self.threads) > 1 else 0
 
 
 class FrozenPart:

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime.callbacks import Callback
+from edgetune.runtime.pipeline import prefetch
 from edgetune.runtime.session import AfterCallback, TrainingDiverged, TrainSession
 
 __all__ = ["Split", "Trainer", "TrainingDiverged"]
@@ -206,7 +207,8 @@ class Trainer:
 
     def features(self, split: Split) -> np.ndarray:
         """All frozen features of a split, (N, F), computed in streaming batches through the cache."""
-        out = np.concatenate([self._features(split, idx) for idx in self._chunks(split, "features")])
+        what = f"features {getattr(split, 'name', '')}".strip()
+        out = self._features(split, np.arange(len(split)), what)
         self._flush_cache()
         return out
 
@@ -221,21 +223,28 @@ class Trainer:
             if self.progress is not None:
                 self.progress(f"{what} {getattr(split, 'name', '')}".strip(), min(start + size, n), n)
 
-    def _features(self, split: Split, idx: np.ndarray) -> np.ndarray:
+    def _features(self, split: Split, idx: np.ndarray, what: str | None = None) -> np.ndarray:
         """Features of `split[idx]`; images are decoded `feature_batch` at a time, and with the cache
-        on only those not cached yet (after the first epoch, none)."""
+        on only those not cached yet (after the first epoch, none). Decoding runs `ctx.decode_ahead`
+        batches ahead of the frozen graph in a producer thread (`pipeline.prefetch`); `what` names
+        the progress reported after each batch (None: no progress)."""
         sess = self.session
         cache = sess.feature_cache if sess.ctx.cache else None
         keys = [split.keys[i] for i in idx] if cache is not None else None
         rows = cache.get_many(keys) if cache is not None else [None] * len(idx)
         missing = [j for j, r in enumerate(rows) if r is None]
         step = sess.ctx.feature_batch
-        for start in range(0, len(missing), step):
-            part = missing[start:start + step]
-            images = split.images(idx[part])
+        parts = [missing[start:start + step] for start in range(0, len(missing), step)]
+        done = len(idx) - len(missing)
+        for part, images in prefetch(parts, lambda part: split.images(idx[part]), sess.ctx.decode_ahead):
             fresh = sess.extract_features(images, keys=None if keys is None else [keys[j] for j in part])
             for k, j in enumerate(part):
                 rows[j] = fresh[k]
+            done += len(part)
+            if what is not None and self.progress is not None:
+                self.progress(what, done, len(idx))
+        if what is not None and self.progress is not None and not missing:
+            self.progress(what, len(idx), len(idx))
         return np.stack(rows).astype(np.float32, copy=False)
 
     def _tell(self, hook: str, *args: Any) -> None:
