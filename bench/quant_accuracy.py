@@ -14,8 +14,8 @@ For every model it reports, on the dataset's validation split:
   cosine similarity (min, mean), relative error ``|q - f| / |f|`` (mean, max), and top-1 agreement
   of the features (for Lite0 they are the 1000 ImageNet logits).
 
-Features are computed once per model with onnxruntime through edgetune's loader and kept in
-``--work`` (keyed by the frozen graph's SHA-256); net_runner keeps its own feature cache there too.
+Features are computed once per model by edgetune's runtime into its disk feature cache in
+``--work`` (keyed by the frozen graph's SHA-256), which the net_runner runs then reuse.
 Accuracy numbers do not depend on the machine's load; nothing here is timed.
 """
 
@@ -33,10 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from scipy.optimize import minimize
 
 import common
+from edgetune.runtime import Context, TrainSession
+from edgetune.runtime.trainer import Trainer
 
 BENCH = Path(__file__).resolve().parent
 RECIPE = ("-c", "600", "--lr", "0.01", "--target-accuracy", "1.01")
@@ -46,24 +47,21 @@ SPLITS = ("train", "test", "validation")
 
 
 def features(model: Path, data: Path, threads: int, work: Path) -> dict[str, np.ndarray]:
-    """The frozen features of every split, computed once per frozen graph and kept in ``work``."""
+    """The frozen features of every split, through edgetune's own disk feature cache in ``work/cache``.
+
+    net_runner is pointed at the same cache, so each image goes through each backbone once; a
+    summary ``.npz`` per frozen graph and dataset makes a second run of this script instant.
+    """
     meta, _, frozen = common.load_model_meta(model)
     path = work / f"features-{hashlib.sha256(frozen).hexdigest()[:16]}-{data.name}.npz"
     if path.exists():
         return dict(np.load(path))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(frozen, opts, providers=["CPUExecutionProvider"])
-    name = meta["frozen"]["input"]
+    session = TrainSession.create(model, Context(threads=threads, cache_dir=work / "cache"))
     out = {}
     for split in common.load_splits(data, meta):
-        rows = []
-        for start in range(0, len(split), 4):
-            rows.append(sess.run(None, {name: split.images(np.arange(start, min(start + 4, len(split))))})[0])
-            print(f"\r{model.name} features {split.name}: {start + len(rows[-1])}/{len(split)}", end="",
-                  file=sys.stderr, flush=True)
-        out[split.name] = np.concatenate(rows).astype(np.float32)
+        trainer = Trainer(session, split, progress=lambda what, done, total, name=model.name: print(
+            f"\r{name} {what}: {done}/{total}", end="", file=sys.stderr, flush=True))
+        out[split.name] = trainer.features(split)
         out[f"{split.name}_labels"] = split.labels
     print(file=sys.stderr)
     np.savez(path, **out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import numpy as np
@@ -36,7 +37,10 @@ def test_disk_cache_survives_a_restart_memory_mapped(tmp_path) -> None:
     cache.flush()
     again = FeatureCache("ns", tmp_path)
     got = again.get_many(list("fedcba"))
-    assert isinstance(got[0].base, np.memmap) or isinstance(got[0], np.memmap)
+    base = got[0]
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)  # the file's pages, not a copy
     np.testing.assert_array_equal(np.stack(got), data[::-1])
     assert len(FeatureCache("other", tmp_path)) == 0  # another namespace sees nothing
 
@@ -157,3 +161,61 @@ def test_unreadable_segments_are_reported_as_what_they_are(tmp_path, capsys, mon
     assert cache.get_many(["a", "b"]) == [None, None] and cache.rejected == [base]
     err = capsys.readouterr().err
     assert f"cannot read segment {base}.json ({error.strerror})" in err and "damaged" not in err
+
+
+# --- the memory budget: past it, the cache goes to disk by itself -------------------------------------
+
+def test_cache_over_its_budget_spills_to_mapped_segments_and_cleans_up(tmp_path) -> None:
+    import gc
+
+    data = rows(9)
+    cache = FeatureCache("ns", None, width=5, budget=4 * data[0].nbytes, segment_rows=2)
+    cache.put_many(list("abcd"), data[:4])  # exactly the budget: still in memory
+    assert not cache.spilled and cache.directory is None
+    cache.put_many(list("efghi"), data[4:])
+    assert cache.spilled and os.path.isdir(cache.directory)
+    cache.flush()
+    segments = [f for f in os.listdir(cache.directory) if f.endswith(".f32")]
+    assert sum(os.path.getsize(os.path.join(cache.directory, f)) for f in segments) == data.nbytes
+    got = cache.get_many(list("abcdefghi"))
+    np.testing.assert_array_equal(np.stack(got), data)
+    cache.release()  # pages dropped from this process, values unchanged
+    np.testing.assert_array_equal(np.stack(cache.get_many(list("abcdefghi"))), data)
+    root = os.path.dirname(cache.directory)
+    del cache, got
+    gc.collect()
+    assert not os.path.exists(root)  # the private spill folder goes with the cache
+
+
+def test_spill_into_a_given_folder_reuses_what_is_there(tmp_path) -> None:
+    data = rows(4)
+    first = FeatureCache("ns", None, budget=0, spill_dir=tmp_path)
+    first.put_many(list("ab"), data[:2])
+    first.flush()
+    second = FeatureCache("ns", None, budget=0, spill_dir=tmp_path)
+    second.put_many(list("bc"), data[1:3])
+    second.flush()
+    assert len(second) == 3 and len(FeatureCache("ns", tmp_path)) == 3  # "b" written once, "a" found
+
+
+@pytest.mark.parametrize("budget_rows", [0, 7])
+def test_training_is_identical_with_the_cache_in_memory_or_spilled(tiny_tod, tiny_split, budget_rows) -> None:
+    from edgetune.runtime.trainer import Trainer
+    from tests.fixtures_runtime import TINY_FEATURES
+
+    path = tiny_tod(head="mlp")
+    runs = []
+    for budget in (None, budget_rows * TINY_FEATURES * 4):
+        session = TrainSession.create(path, Context(threads=1, cache_budget=budget))
+        train, test = tiny_split(40), tiny_split(12, seed=5, name="test")
+        losses = []
+        trainer = Trainer(session, train, test, test_every=4, target_accuracy=None)
+        trainer.features(train)
+        for _ in range(10):
+            trainer.fit(1)
+            losses.append(session.loss)
+        runs.append((losses, session.parameters(), session.record["best_test_accuracy"],
+                     session.feature_cache.spilled))
+    (l0, p0, a0, s0), (l1, p1, a1, s1) = runs
+    assert not s0 and s1  # the second run went to disk
+    assert l0 == l1 and a0 == a1 and all(np.array_equal(p0[k], p1[k]) for k in p0)

@@ -1,4 +1,4 @@
-"""Decode overlapped with inference (edgetune.runtime.pipeline) and the thread count (issue 13).
+"""Decode overlapped with inference (edgetune.runtime.pipeline), the thread count and the cache budget (issue 13).
 
 `prefetch` must give the serial results in the serial order, hold at most `depth` results, hand a
 producer's error to the caller and stop its thread when the caller stops early; the Trainer's
@@ -144,3 +144,30 @@ def test_net_runner_bad_thread_count_is_one_line_exit_2(tiny_tod, tmp_path, valu
                            "--threads", value], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"net_runner: error: --threads must be >= 1, got {value}"]
+
+
+def test_net_runner_cache_budget_goes_to_disk_with_the_same_run(tiny_tod, tmp_path, capsys) -> None:
+    """`--cache-budget 0` puts every feature on disk at once: the printed run is the default's, line for line."""
+    from edgetune.cli import net_runner
+    from tests.test_reliability_crash import write_dataset
+
+    data = write_dataset(tmp_path / "data")
+    outputs = []
+    for extra in ([], ["--cache-budget", "0"]):
+        capsys.readouterr()
+        assert net_runner.main(["-f", tiny_tod(), "-d", os.fspath(data), "-c", "12", "--test-every", "4",
+                                "--target-accuracy", "2", *extra]) == 0
+        outputs.append(capsys.readouterr().out.splitlines())
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 12
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_net_runner_bad_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, value: str) -> None:
+    from tests.test_reliability_crash import write_dataset
+
+    data = write_dataset(tmp_path / "data")
+    done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", tiny_tod(), "-d", os.fspath(data),
+                           "--cache-budget", value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"net_runner: error: --cache-budget must be a finite number of MiB >= 0, got {float(value):g}"]

@@ -22,6 +22,7 @@ from edgetune.cli.errors import run_guarded
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.callbacks import SCHEDULES, Callback, make_schedule
+from edgetune.runtime.frozen import DEFAULT_CACHE_BUDGET
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "here %(default_cores)s; 1 = the seed's behaviour)" % {"default_cores": _cores()})
     parser.add_argument("--no-cache", action="store_true", help="run the backbone for every batch (no feature cache)")
     parser.add_argument("--cache-dir", type=Path, help="keep the feature cache on disk here (reused across runs)")
+    parser.add_argument("--cache-budget", type=float, metavar="MB", default=DEFAULT_CACHE_BUDGET / (1 << 20),
+                        help="without --cache-dir: MiB of features held in memory; past it the cache moves to "
+                             "memory-mapped files in a temporary folder (default %(default)g; 0 = at once)")
     parser.add_argument("--log", type=Path, help="write one JSON line per step and per evaluation")
     parser.add_argument("--plot", type=Path, help="save loss and accuracy curves (PNG; needs matplotlib)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-step lines and no progress bar")
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     threads = {} if args.threads is None else {"threads": args.threads}
-    session = TrainSession.create(args.model, Context(**threads, cache=not args.no_cache, cache_dir=args.cache_dir))
+    session = TrainSession.create(args.model, Context(**threads, cache=not args.no_cache, cache_dir=args.cache_dir,
+                                                      cache_budget=int(args.cache_budget * (1 << 20))))
     data = load_dataset(args.data, session.preprocessing, num_classes=session.num_classes)
     for split in (data.validation, *((data.train, data.test) if args.cycles > 0 else ())):
         if len(split) == 0:
@@ -190,6 +195,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.test_every < 1:
         raise UserError("--test-every must be >= 1")
+    if not (args.cache_budget >= 0 and math.isfinite(args.cache_budget)):
+        raise UserError(f"--cache-budget must be a finite number of MiB >= 0, got {args.cache_budget:g}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.auto_budget is not None and not args.auto:

@@ -13,14 +13,25 @@ The index is written atomically *after* the data is on disk, and a segment whose
 match its index is ignored, so a crash or a torn file can never feed wrong features to training.
 A segment that cannot be read at all (no permission, an I/O error) is ignored too, and the warning
 says that, not "damaged": its rows are computed again.
+
+In memory (no `directory`), a `budget` bounds the bytes of rows held: the put that would exceed it
+moves every row to disk (`spill`), into segments written the same crash-safe way, in `spill_dir`
+or else a private temporary folder removed with the cache. Training reads the same float32 values
+either way. A mapped segment's pages count in the process's resident memory once read; `release`
+drops them from this process (they stay in the kernel's page cache), and the Trainer calls it
+after every pass over a split, so a large cache on disk does not creep back into RSS.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import shutil
 import sys
+import tempfile
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,15 +49,27 @@ class FeatureCache:
         directory: a cache root directory; None keeps everything in memory. The namespace becomes
             a subdirectory, so one root can serve many models.
         width: the feature count, if known: segments with rows of another width are rejected.
-        segment_rows: buffered rows that trigger a write (fewer, larger files; 1000 Lite0 rows = 4 MB).
+        segment_rows: buffered rows that trigger a write (fewer, larger files; 1000 Lite0 rows = 4 MB);
+            at most `SEGMENT_BYTES` of rows, so wide features (a fine-tuned cut) buffer few.
+        budget: in memory, the most bytes of rows to hold before every row goes to disk (None: no
+            limit). Ignored with a `directory`: rows are on disk already.
+        spill_dir: the cache root to spill to; None: a private temporary folder, removed when the
+            cache is garbage-collected or the process exits.
     """
 
+    SEGMENT_BYTES = 8 << 20
+
     def __init__(self, namespace: str, directory: str | os.PathLike | None = None, width: int | None = None,
-                 segment_rows: int = 256) -> None:
+                 segment_rows: int = 256, budget: int | None = None,
+                 spill_dir: str | os.PathLike | None = None) -> None:
         self.namespace, self.width, self.segment_rows = namespace, width, int(segment_rows)
+        self.budget, self.spill_dir = budget, spill_dir
         self._pending: list[tuple[str, np.ndarray]] = []
         self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
         self._rows: dict[str, np.ndarray] = {}
+        self._memory_bytes = 0  # rows held in memory (in-memory mode)
+        self._maps: list[mmap.mmap] = []  # every mapped segment, for `release`
+        self.spilled = False
         self.rejected: list[str] = []  # segments ignored: damaged, or unreadable (the warning says which)
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
@@ -70,13 +93,52 @@ class FeatureCache:
         new = [i for i, k in enumerate(keys) if k not in self._rows]
         if not new:
             return
+        if (self.directory is None and self.budget is not None
+                and self._memory_bytes + len(new) * rows[0].nbytes > self.budget):
+            self.spill()
         for i in new:
             row = rows[i].copy()
             self._rows[keys[i]] = row
             if self.directory is not None:
                 self._pending.append((keys[i], row))
-        if len(self._pending) >= self.segment_rows:
-            self.flush()
+            else:
+                self._memory_bytes += row.nbytes
+            if self._pending and len(self._pending) >= self._segment_limit(row.nbytes):
+                self.flush()
+
+    def _segment_limit(self, row_bytes: int) -> int:
+        return max(1, min(self.segment_rows, self.SEGMENT_BYTES // max(1, row_bytes)))
+
+    def spill(self) -> None:
+        """Move every row to disk now (segments in `spill_dir` or a temporary folder); later rows follow.
+
+        Called by `put_many` when the in-memory rows would exceed `budget`; a no-op on disk already.
+        """
+        if self.directory is not None:
+            return
+        root = os.fspath(self.spill_dir) if self.spill_dir is not None else tempfile.mkdtemp(prefix="edgetune-features-")
+        if self.spill_dir is None:
+            weakref.finalize(self, shutil.rmtree, root, True)
+        self.directory = os.path.join(root, self.namespace)
+        os.makedirs(self.directory, exist_ok=True)
+        held, self._rows = self._rows, {}
+        self._load_segments()  # a spill folder may already hold some of this namespace's rows
+        held = [(k, row) for k, row in held.items() if k not in self._rows]
+        self._rows.update(held)
+        step = self._segment_limit(held[0][1].nbytes) if held else 1
+        for start in range(0, len(held), step):
+            self._pending = held[start:start + step]
+            self.flush()  # each batch of rows is replaced by its mapped copy as it is written
+        self._memory_bytes, self.spilled = 0, True
+
+    def release(self) -> None:
+        """Drop the mapped segments' pages from this process's resident memory (they are read again
+        from the page cache or the file when next touched). A no-op for rows held in memory."""
+        for m in self._maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):  # no madvise on this platform: nothing to do
+                return
 
     def flush(self) -> None:
         """Write the buffered rows as one crash-safe segment (no-op in memory or with nothing buffered)."""
@@ -96,7 +158,14 @@ class FeatureCache:
         write_atomic(base + ".f32", data)  # data first ...
         index = {"version": 1, "keys": keys, "shape": list(rows.shape), "dtype": "float32", "sha256": digest}
         write_atomic(base + ".json", json.dumps(index).encode())  # ... then the index that vouches for it
-        return np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=rows.shape)
+        with open(base + ".f32", "rb") as f:
+            return self._mapped(f, rows.shape)
+
+    def _mapped(self, f, shape: tuple[int, ...]) -> np.ndarray:
+        """Read-only rows mapped from an open segment file (the mapping outlives the descriptor)."""
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps.append(m)
+        return np.frombuffer(m, dtype=np.float32).reshape(shape)
 
     def _load_segments(self) -> None:
         for name in sorted(os.listdir(self.directory)):
@@ -104,7 +173,7 @@ class FeatureCache:
                 continue
             base = os.path.join(self.directory, name[:-5])
             try:
-                keys, rows = _verified_segment(base, self.width)
+                keys, rows = _verified_segment(base, self.width, self._mapped)
             except DamagedSegment as e:
                 self.rejected.append(base)
                 print(f"feature cache: ignoring damaged segment {base}.json ({e})", file=sys.stderr)
@@ -122,7 +191,7 @@ class DamagedSegment(Exception):
     """A cache segment whose index or data is not what a complete write leaves; the message says what."""
 
 
-def _verified_segment(base: str, width: int | None) -> tuple[list[str], np.memmap]:
+def _verified_segment(base: str, width: int | None, mapped) -> tuple[list[str], np.ndarray]:
     """The segment's keys and rows (memory-mapped), if its index parses and its data matches size and sha256.
 
     Both files are read by `safe_read` (regular files inside the cache folder, never blocking, the
@@ -161,7 +230,7 @@ def _verified_segment(base: str, width: int | None) -> tuple[list[str], np.memma
                 h.update(chunk)
             if h.hexdigest() != index.get("sha256"):
                 raise DamagedSegment("data does not match the index's sha256")
-            return keys, np.memmap(f, dtype=np.float32, mode="r", shape=tuple(shape))
+            return keys, mapped(f, tuple(shape))
     except FileNotFoundError:
         raise DamagedSegment("data file missing") from None
     except UnsafeFile as e:

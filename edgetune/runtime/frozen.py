@@ -23,6 +23,9 @@ from edgetune.runtime.graph_check import admit_frozen_graph
 from edgetune.runtime.ort import onnxruntime
 
 
+DEFAULT_CACHE_BUDGET = 128 << 20  # bytes of features held in memory before the cache goes to disk
+
+
 @dataclass(frozen=True)
 class Context:
     """How a session runs its frozen part.
@@ -38,6 +41,9 @@ class Context:
         feature_batch: at most this many images go through the frozen graph at once; bounds the
             activation memory (Lite0, 1 thread, measured run peak: +140 MB at 16 images, +80 MB
             at 8, +67 MB at 4) at no cost in speed. Features do not depend on it (bit-identical).
+        cache_budget: bytes of features the cache may hold in memory (without `cache_dir`); past
+            it every row goes to memory-mapped segments in a temporary folder (`FeatureCache.spill`),
+            with identical training. None: no limit. Default 128 MiB: 32k Lite0 images (4 KB each).
         prefetch: batches of `feature_batch` images decoded ahead by a producer thread while the
             frozen graph runs the current one (`edgetune.runtime.pipeline`); 0 decodes in series.
             None (default): 2 with more than one thread, 0 with one (the seed's behaviour: one
@@ -48,6 +54,7 @@ class Context:
     cache: bool = True
     cache_dir: str | os.PathLike | None = None
     feature_batch: int = 4
+    cache_budget: int | None = DEFAULT_CACHE_BUDGET
     prefetch: int | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +62,8 @@ class Context:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         if int(self.feature_batch) < 1:
             raise UserError(f"feature_batch must be >= 1, got {self.feature_batch}")
+        if self.cache_budget is not None and int(self.cache_budget) < 0:
+            raise UserError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
         if self.prefetch is not None and int(self.prefetch) < 0:
             raise UserError(f"prefetch must be >= 0, got {self.prefetch}")
 
@@ -101,7 +110,7 @@ class FrozenPart:
     def cache(self) -> FeatureCache:
         """The feature cache of this graph and preprocessing (created on first use)."""
         if self._cache is None:
-            self._cache = FeatureCache(self._namespace, self.ctx.cache_dir, self.width)
+            self._cache = FeatureCache(self._namespace, self.ctx.cache_dir, self.width, budget=self.ctx.cache_budget)
         return self._cache
 
     def features(self, data: np.ndarray, keys: Sequence[str] | None = None) -> np.ndarray:
