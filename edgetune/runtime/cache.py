@@ -18,8 +18,9 @@ In memory (no `directory`), a `budget` bounds the bytes of rows held: the put th
 moves every row to disk (`spill`), into segments written the same crash-safe way, in `spill_dir`
 or else a private temporary folder removed with the cache. Training reads the same float32 values
 either way. A mapped segment's pages count in the process's resident memory once read; `release`
-drops them from this process (they stay in the kernel's page cache), and the Trainer calls it
-after every pass over a split, so a large cache on disk does not creep back into RSS.
+drops them from this process (they stay in the kernel's page cache): `get_many` calls it every
+`RELEASE_BYTES` of rows read and the Trainer after every pass over a split, so a large cache on
+disk does not creep back into RSS.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class FeatureCache:
     """
 
     SEGMENT_BYTES = 8 << 20
+    RELEASE_BYTES = 8 << 20
 
     def __init__(self, namespace: str, directory: str | os.PathLike | None = None, width: int | None = None,
                  segment_rows: int = 256, budget: int | None = None,
@@ -69,6 +71,7 @@ class FeatureCache:
         self._rows: dict[str, np.ndarray] = {}
         self._memory_bytes = 0  # rows held in memory (in-memory mode)
         self._maps: list[mmap.mmap] = []  # every mapped segment, for `release`
+        self._read_bytes = 0  # mapped rows handed out since the last `release`
         self.spilled = False
         self.rejected: list[str] = []  # segments ignored: damaged, or unreadable (the warning says which)
         if self.directory is not None:
@@ -82,8 +85,17 @@ class FeatureCache:
         return key in self._rows
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """The cached row of each key, or None where there is none."""
-        return [self._rows.get(k) for k in keys]
+        """The cached row of each key, or None where there is none.
+
+        On disk, every `RELEASE_BYTES` of rows handed out the mapped pages are dropped from this
+        process (`release`): the caller copies what it keeps (the Trainer stacks each batch).
+        """
+        rows = [self._rows.get(k) for k in keys]
+        if self._maps:
+            self._read_bytes += sum(r.nbytes for r in rows if r is not None)
+            if self._read_bytes >= self.RELEASE_BYTES:
+                self.release()
+        return rows
 
     def put_many(self, keys: Sequence[str], rows: np.ndarray) -> None:
         """Store rows (one per key, float32): usable at once, on disk once `segment_rows` are buffered."""
@@ -134,6 +146,7 @@ class FeatureCache:
     def release(self) -> None:
         """Drop the mapped segments' pages from this process's resident memory (they are read again
         from the page cache or the file when next touched). A no-op for rows held in memory."""
+        self._read_bytes = 0
         for m in self._maps:
             try:
                 m.madvise(mmap.MADV_DONTNEED)
