@@ -36,6 +36,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 import common
+import results
+import run
 from edgetune.runtime import Context, TrainSession
 from edgetune.runtime.trainer import Trainer
 
@@ -126,18 +128,25 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3", help="net_runner seeds (default 0,1,2,3; '' for none)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--work", type=Path, default=BENCH / ".work" / "quant", help="features and caches")
-    p.add_argument("--results", type=Path, help="also write the table there (e.g. bench/QUANT_ACCURACY.md)")
+    p.add_argument("--results", type=Path, help="also write the table as a section of this file (bench/RESULTS.md)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = features(args.fp32, args.data, args.threads, args.work)
-    rows = ["| model | calibration | probe val (test) | net_runner val, mean [min, max] over seeds "
-            "| cos min / mean | rel err mean / max | top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| model | calibration | probe val (test) | probe val - fp32 | net_runner val, mean [min, max] "
+            "| net_runner val - fp32, paired by seed: mean [min, max] | cos min / mean | rel err mean / max "
+            "| top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fp32_probe, fp32_runs = None, []
     for model in [args.fp32, *args.int8]:
         f = base if model == args.fp32 else features(model, args.data, args.threads, args.work)
         l2, test, val = probe(f)
         runs = [net_runner(model, args.data, s, args.threads, args.work) for s in seeds]
-        recipe = (f"{statistics.mean(runs):.4f} [{min(runs):.3f}, {max(runs):.3f}]" if runs else "—")
+        if model == args.fp32:
+            fp32_probe, fp32_runs = val, runs
+        deltas = [100 * (a - b) for a, b in zip(runs, fp32_runs)]
+        recipe = f"{statistics.mean(runs):.4f} [{min(runs):.3f}, {max(runs):.3f}]" if runs else "—"
+        paired = (f"{statistics.mean(deltas):+.2f} [{min(deltas):+.2f}, {max(deltas):+.2f}] points"
+                  if deltas and model != args.fp32 else "—")
         meta = common.load_model_meta(model)[0]
         q = meta["frozen"].get("quantization")
         calibration = "fp32" if q is None else (
@@ -145,19 +154,25 @@ def main() -> None:
             f"{q['calibration']['images']} images, reduce_range {q['reduce_range']}, "
             f"{len(q['nodes_excluded'])} nodes fp32").replace("  ", " ")
         fid = fidelity(base["validation"], f["validation"])
-        rows.append(f"| {model.name} | {calibration} | {val:.4f} ({test:.4f}, l2 {l2:g}) | {recipe} "
-                    f"| {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} | {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} "
-                    f"| {fid['top1']:.3f} |")
+        gap = "—" if model == args.fp32 else f"{100 * (val - fp32_probe):+.2f} points"
+        rows.append(f"| {model.name} | {calibration} | {val:.4f} ({test:.4f}, l2 {l2:g}) | {gap} | {recipe} "
+                    f"| {paired} | {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} "
+                    f"| {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} | {fid['top1']:.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    text = (f"# int8 frozen part: accuracy against fp32\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"`bench/quant_accuracy.py`. Dataset {args.data.name} (train {len(base['train'])}, test "
-            f"{len(base['test'])}, validation {len(base['validation'])} images); probe: L-BFGS logistic "
-            f"regression, L2 chosen on test; net_runner {' '.join(RECIPE)} at seeds {seeds}; fidelity on the "
-            f"validation images.\n\n" + "\n".join(rows) + "\n")
+    command = " ".join(["bench/quant_accuracy.py", *sys.argv[1:]])
+    text = (f"## int8 frozen part: validation accuracy against fp32 (issue 13)\n\n"
+            f"Command (accuracy does not depend on load; about 8 minutes per model on 2 busy cores): "
+            f"`.venv/bin/python {command}`\n\n"
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {run.cpu_model()}. Dataset "
+            f"{args.data.name} (train {len(base['train'])}, test {len(base['test'])}, validation "
+            f"{len(base['validation'])} images). probe: L-BFGS logistic regression to convergence on the "
+            f"frozen features, L2 chosen on test, validation reported. net_runner: the demo's recipe "
+            f"`{' '.join(RECIPE)}` at seeds {seeds}, the same seeds for every model (same batches). Fidelity "
+            f"of the int8 features (Lite0's 1000 logits) to fp32 on the validation images.\n\n"
+            + "\n".join(rows) + "\n")
     print(text)
     if args.results:
-        args.results.write_text(text, encoding="utf-8")
-
+        results.write_section(args.results, "int8-accuracy", text)
 
 if __name__ == "__main__":
     main()

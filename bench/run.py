@@ -2,18 +2,20 @@
 
 Prints markdown tables and writes bench/RESULTS.md (and bench/scaling.png with --scaling).
 
-Run from the repository root: ``.venv/bin/python bench/run.py``. Every system runs as its own
-process, interleaved round-robin within each repetition, with the same thread count, the same
-prepared Fashion-MNIST folder and the same decode path (edgetune's loader) unless its row says
-otherwise; each cell is the median over the repetitions, and every system draws its training
-batches in the Trainer's order (``common.batch_order``). One quiet run of everything::
+Run from the repository root. Every system runs as its own process, interleaved round-robin
+within each repetition, with the same thread count, the same prepared Fashion-MNIST folder and the
+same decode path (edgetune's loader) unless its row says otherwise; each cell is the median over
+the repetitions, and every system draws its training batches in the Trainer's order
+(``common.batch_order``). Two commands, each writing its own section of bench/RESULTS.md
+(``results.py``: other sections are kept)::
 
-    .venv/bin/python bench/run.py --scaling --scaling-root /work/data
+    .venv/bin/python bench/run.py                     # the one-run table: seed and long units, every system
+    .venv/bin/python bench/run.py --units '' --scaling --scaling-root /work/data   # the scaling run
 
-runs the seed and long work units for every system (medians of 3 seed runs), then the scaling run
-(the seed run of edgetune fp32 and int8 on Fashion-MNIST at 100, 1000 and 7000 images per class,
-medians of 3; ``--scaling-root`` holds or receives ``fm<N>/``, 7000 per class is ~10.5 GB), and
-writes the tables, the targets and ``bench/scaling.png``. The ONNX Runtime training system needs
+The first runs the seed and long work units for every system (medians of 3 seed runs) and checks
+the targets; the second the seed run of edgetune fp32 and int8 on Fashion-MNIST at 100, 1000 and
+7000 images per class (medians of 3; ``--scaling-root`` holds or receives ``fm<N>/``, 7000 per
+class is ~10.5 GB) and draws ``bench/scaling.png``. The ONNX Runtime training system needs
 its own venv (onnxruntime-training-cpu 1.19.2 and torch cannot share one with onnxruntime 1.2x)::
 
     python3.11 -m venv bench/.venv-ort
@@ -40,12 +42,17 @@ from pathlib import Path
 
 import measure
 import prepare
+import results as results_file
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 UNITS = {"seed": 60, "long": 1000}
 SCALING_SIZES = (100, 1000, 7000)
 SCALING_SYSTEMS = ("edgetune", "edgetune-int8")
+RUN_COMMAND = ".venv/bin/python bench/run.py"
+RUN_MINUTES = 45
+SCALING_COMMAND = ".venv/bin/python bench/run.py --units '' --scaling --scaling-root /work/data"
+SCALING_MINUTES = 30
 
 
 @dataclass(frozen=True)
@@ -405,28 +412,47 @@ def main() -> None:
     sizes = {s: install_mb(s, ort_python) for s in systems}
     patch = "; ".join(line for line in (work.ort / "patch.txt").read_text().splitlines()
                       if line.startswith("patched")) if work.ort else ""
-    out = ["# edgetune benchmark\n",
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_model()}, "
-           f"{os.cpu_count()} cores; {args.threads} threads for every system; "
-           f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}.",
-           f"Versions: {versions(ort_python)}.",
-           f"Medians over {args.reps} seed-run and {args.long_reps} long-run repetitions, systems "
-           "interleaved round-robin. Work unit: Fashion-MNIST demo set (1000 images, 10 classes, "
-           "600 train / 200 test / 200 validation), batch 32 in the Trainer's order, test accuracy and a "
-           "checkpoint every 20 steps, validation accuracy at the end.\n"]
-    for unit in results:
-        out.append(table(unit, results[unit], sizes, notes if unit == "long" else {}))
-        out.append("")
-    if "seed" in results:
-        out += ["**Targets (seed run)**\n", targets(results["seed"], sizes), ""]
+    when = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_model()}, "
+            f"{os.cpu_count()} cores; {args.threads} threads for every system; "
+            f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}.\n"
+            f"Versions: {versions(ort_python)}.")
+    if results:
+        out = ["## One run: edgetune fp32 and int8 against the peers (issue 13)\n",
+               f"Command (quiet machine, about {RUN_MINUTES} minutes): `{RUN_COMMAND}`\n", when,
+               f"Medians over {args.reps} seed-run and {args.long_reps} long-run repetitions, systems "
+               "interleaved round-robin. Work unit: Fashion-MNIST demo set (1000 images, 10 classes, "
+               "600 train / 200 test / 200 validation), batch 32 in the Trainer's order, test accuracy and a "
+               "checkpoint every 20 steps, validation accuracy at the end.\n"]
+        for unit in results:
+            out.append(table(unit, results[unit], sizes, notes if unit == "long" else {}))
+            out.append("")
+        if "seed" in results:
+            out += ["**Targets (seed run)**\n", targets(results["seed"], sizes), ""]
+        out += notes_text(patch)
+        text = "\n".join(out) + "\n"
+        print(text)
+        results_file.write_section(args.results, "run", text)
     if scaled:
         plot = args.results.parent / "scaling.png"
         scaling_plot(args.scaling_root, scaled, plot)
-        out += [f"**Scaling run** (the seed run on Fashion-MNIST at {', '.join(map(str, scaled))} images per "
-                f"class, medians of {args.scaling_reps}; every image is read and checked at load, the backbone "
-                f"runs on the test and validation splits and the train images drawn)\n",
-                scaling_table(args.scaling_root, scaled), "", f"![scaling]({plot.name})", ""]
-    out += ["Notes:",
+        out = ["## How cost grows with work: the seed run at 100, 1000 and 7000 images per class (issue 13)\n",
+               f"Command (quiet machine, about {SCALING_MINUTES} minutes with the datasets prepared): "
+               f"`{SCALING_COMMAND}`\n", when,
+               f"The seed run (60 steps, test accuracy every 20) on Fashion-MNIST at "
+               f"{', '.join(map(str, scaled))} images per class, medians of {args.scaling_reps}, systems "
+               "interleaved. Every image is read and checked at load; the backbone runs once per image on "
+               "the test and validation splits and on the train images drawn; the feature cache goes to "
+               "disk by itself past its memory budget (32 MiB by default, `net_runner --cache-budget`).\n",
+               scaling_table(args.scaling_root, scaled), "", f"![scaling]({plot.name})", ""]
+        text = "\n".join(out) + "\n"
+        print(text)
+        results_file.write_section(args.results, "scaling", text)
+    print(f"wrote {args.results}", file=sys.stderr)
+
+
+def notes_text(patch: str) -> list[str]:
+    """The notes under the one-run tables: what each column means and how the systems differ."""
+    return ["Notes:",
             "- wall: process start to exit (imports, model load, decode, training, evaluations, "
             "checkpoints). first step: process start to the first `1: Loss is` line. steps/s: "
             "between the first and the last step line, evaluations and checkpoints included. "
@@ -435,6 +461,8 @@ def main() -> None:
             "and everything they require (bench/sizes.py); edgetune adds numpy, onnxruntime "
             "(edgetune[device]) and its own package; PyTorch torch, numpy, pillow and the Lite0 code and "
             "weights; ORT training onnxruntime-training-cpu and torch (its Python API imports torch).",
+            "- edgetune runs its defaults: decode overlapped with inference (a producer thread), the "
+            "frozen part on the given threads; `net_runner --threads 1` is the seed's behaviour.",
             "- Every system draws the same training batches: the Trainer's order (a fresh seeded "
             "permutation per epoch, partial tail dropped), `bench/common.py batch_order`.",
             "- ORT training: SGD without momentum (its only SGD), same learning rate; "
@@ -442,10 +470,6 @@ def main() -> None:
             "- The floor with edgetune's loader runs the backbone over the 1000 images once, decode in "
             "series; the true floor decodes them into memory first and times the backbone alone: no system "
             "can extract the features faster on these threads."]
-    text = "\n".join(out) + "\n"
-    print(text)
-    args.results.write_text(text, encoding="utf-8")
-    print(f"wrote {args.results}", file=sys.stderr)
 
 
 def check(systems: list[str], setup: Setup, args: argparse.Namespace, sizes: tuple[int, ...]) -> None:

@@ -276,7 +276,7 @@ def test_lite0_int8_tracks_fp32_on_real_images_and_trains(lite0_onnx, lite0_tod,
     ImageNet logits): every image's cosine similarity to fp32 >= 0.80, the mean >= 0.95, and the
     same top-1 logit as fp32 on >= 60% of the images. Measured with the same settings on the 600
     validation images of Fashion-MNIST 300 per class: min 0.870, mean 0.969, top-1 agreement 0.700,
-    and a linear probe within 0.7 points of fp32 (bench/QUANT_ACCURACY.md). A saturating int8 graph
+    and a linear probe within 0.7 points of fp32 (bench/RESULTS.md, int8 section). A saturating int8 graph
     (8-bit weights on this x86 CPU without VNNI) gives min 0.57, mean 0.86, top-1 0.43.
     """
     from edgetune.cli import net_runner
