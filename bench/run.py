@@ -52,7 +52,7 @@ SCALING_SYSTEMS = ("edgetune", "edgetune-int8")
 RUN_COMMAND = ".venv/bin/python bench/run.py"
 RUN_MINUTES = 45
 SCALING_COMMAND = ".venv/bin/python bench/run.py --units '' --scaling --scaling-root /work/data"
-SCALING_MINUTES = 30
+SCALING_MINUTES = 20
 
 
 @dataclass(frozen=True)
