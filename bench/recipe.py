@@ -50,7 +50,7 @@ def run_auto(model: str, data: str, seed: int, budget: float, cache_dir: str | N
     print(result.table(), file=sys.stderr)
     searched = time.perf_counter()
     r = result.recipe
-    final = auto.recipe_session(tod, r.lr, r.weight_decay, Context())
+    final = auto.recipe_session(tod, r.lr, r.weight_decay, Context(), zero_classifier=r.zero_classifier)
     for split in (data.train, data.test, data.validation):  # the backbone already ran for these images
         final.feature_cache.put_many(split.keys, rows[split.name])
     trainer = Trainer(final, data.train, data.test, callbacks=[CosineLR(r.horizon)], seed=seed,
@@ -59,7 +59,8 @@ def run_auto(model: str, data: str, seed: int, budget: float, cache_dir: str | N
     test, validation = trainer.evaluate("test"), trainer.evaluate("validation", data.validation)
     with tempfile.TemporaryDirectory() as tmp:  # net_runner saves the trained model: so does this run
         final.save(os.path.join(tmp, "trained.tod"))
-    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps, "horizon": r.horizon},
+    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps, "horizon": r.horizon,
+                       "zero_classifier": r.zero_classifier},
             "search_test_accuracy": r.test_accuracy, "retrained_test_accuracy": test,
             "validation_accuracy": validation, "search_seconds": searched - extracted,
             "budget_spent": result.budget_spent, "trials": result.rows()}

@@ -91,12 +91,37 @@ def test_the_recipe_retrained_reproduces_what_the_search_measured(setup) -> None
     path, session, train, test = setup()
     result = auto.search(session, train, test, seed=5, clock=FakeClock(0), **SMALL)
     r = result.recipe
-    final = auto.recipe_session(tod_format.load_file(path), r.lr, r.weight_decay)
+    assert r.zero_classifier  # a fresh model
+    final = auto.recipe_session(tod_format.load_file(path), r.lr, r.weight_decay, zero_classifier=True)
     trainer = Trainer(final, train, test, callbacks=[CosineLR(r.horizon)], seed=5, target_accuracy=None,
                       test_every=0)
     trainer.fit(r.steps)
     assert final.step == r.steps
     assert trainer.evaluate("test") == r.test_accuracy
+
+
+def test_the_classifier_is_the_layer_that_writes_the_logits(tiny_tod) -> None:
+    dense = TrainSession.create(tiny_tod(head="dense"), Context())
+    mlp = TrainSession.create(tiny_tod(head="mlp"), Context())
+    assert auto.classifier(dense.head) == ("head.weight", "head.bias")
+    last = auto.classifier(mlp.head)
+    assert len(last) == 2 and set(last) < set(mlp.params)  # the last layer's only
+    auto.prepare(mlp, 0.01, 0.0, zero_classifier=True)
+    for name, p in mlp.params.items():
+        assert (not p.data.any()) == (name in last)  # the earlier layer keeps its random start (else no gradient)
+
+
+def test_a_fresh_model_starts_from_a_zero_classifier_and_a_trained_one_continues(setup, tiny_split) -> None:
+    path, session, train, test = setup()
+    assert auto.search(session, train, test, clock=FakeClock(0), **SMALL).recipe.zero_classifier
+    Trainer(session, train, test_every=0).fit(3)
+    session.save(path)
+    session = TrainSession.create(path, Context())
+    before = session.parameters()
+    result = auto.search(session, train, test, clock=FakeClock(0), **SMALL)
+    assert not result.recipe.zero_classifier and "classifier from zero" not in result.table()
+    continued = auto.recipe_session(tod_format.load_file(path), 0.01, 0.0, zero_classifier=False)
+    assert all(np.array_equal(before[n], v) for n, v in continued.parameters().items())
 
 
 def test_backbone_runs_once_per_image_and_the_session_is_not_trained(setup) -> None:

@@ -147,7 +147,7 @@ def _auto(args: argparse.Namespace, session, data, trainer) -> int:
         with open(args.log, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in result.rows())
     recipe = result.recipe
-    session.learning_rate, session.weight_decay = recipe.lr, recipe.weight_decay
+    auto.prepare(session, recipe.lr, recipe.weight_decay, recipe.zero_classifier)
     trainer.callbacks.insert(0, CosineLR(recipe.horizon))  # as each candidate trained
     trainer.target_accuracy = None  # the chosen step count is the stop
     return recipe.steps
