@@ -137,6 +137,8 @@ def main() -> None:
             "| net_runner val - fp32, paired by seed: mean [min, max] | cos min / mean | rel err mean / max "
             "| top-1 agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     fp32_probe, fp32_runs = None, []
+    goals = ["Goal (issue 13): validation accuracy within 1 point of fp32, by the probe and by the recipe's "
+             "mean paired gap:"]
     for model in [args.fp32, *args.int8]:
         f = base if model == args.fp32 else features(model, args.data, args.threads, args.work)
         l2, test, val = probe(f)
@@ -159,6 +161,10 @@ def main() -> None:
                     f"| {paired} | {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} "
                     f"| {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} | {fid['top1']:.3f} |")
         print(rows[-1], file=sys.stderr, flush=True)
+        if model != args.fp32:
+            worst = min(100 * (val - fp32_probe), statistics.mean(deltas) if deltas else 0.0)
+            goals.append(f"- {model.name}: {'MET' if worst >= -1.0 else 'MISSED'} (probe {100 * (val - fp32_probe):+.2f}, "
+                         f"net_runner {statistics.mean(deltas) if deltas else float('nan'):+.2f} points)")
     command = " ".join(["bench/quant_accuracy.py", *sys.argv[1:]])
     text = (f"## int8 frozen part: validation accuracy against fp32 (issue 13)\n\n"
             f"Command (accuracy does not depend on load; about 8 minutes per model on 2 busy cores): "
@@ -169,7 +175,7 @@ def main() -> None:
             f"frozen features, L2 chosen on test, validation reported. net_runner: the demo's recipe "
             f"`{' '.join(RECIPE)}` at seeds {seeds}, the same seeds for every model (same batches). Fidelity "
             f"of the int8 features (Lite0's 1000 logits) to fp32 on the validation images.\n\n"
-            + "\n".join(rows) + "\n")
+            + "\n".join(rows) + "\n\n" + "\n".join(goals) + "\n")
     print(text)
     if args.results:
         results.write_section(args.results, "int8-accuracy", text)

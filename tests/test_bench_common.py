@@ -39,3 +39,19 @@ def test_batch_order_is_the_trainers(tiny_tod, n, batch, steps, seed):
     expected = [b.tolist() for b in common.batch_order(n, batch, steps, seed)]
     assert split.calls == expected
     assert len(expected) == steps and all(len(b) == min(batch, n) for b in expected)
+
+
+def test_results_sections_replace_only_themselves(tmp_path) -> None:
+    """bench/results.py: each script rewrites its own section of RESULTS.md; hand-written text is kept."""
+    import results
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# edgetune benchmark\n\nintro\n\n## Issue 12 (by hand)\n\nkeep me\n", encoding="utf-8")
+    results.write_section(path, "run", "## Run\n\nfirst")
+    results.write_section(path, "scaling", "## Scaling\n\nsecond")
+    results.write_section(path, "run", "## Run\n\nthird")
+    text = path.read_text(encoding="utf-8")
+    assert text == ("# edgetune benchmark\n\nintro\n\n"
+                    "<!-- section: run -->\n## Run\n\nthird\n<!-- end: run -->\n\n"
+                    "<!-- section: scaling -->\n## Scaling\n\nsecond\n<!-- end: scaling -->\n\n"
+                    "## Issue 12 (by hand)\n\nkeep me\n")
