@@ -171,3 +171,16 @@ def test_net_runner_bad_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, valu
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"net_runner: error: --cache-budget must be a finite number of MiB >= 0, got {float(value):g}"]
+
+
+def test_fill_cache_keeps_only_the_cache(tiny_tod, tiny_split) -> None:
+    """net_runner's up-front pass: the same cache rows as `features`, without building the (N, F) array."""
+    split = tiny_split(30)
+    filled = TrainSession.create(tiny_tod(), Context(threads=2, feature_batch=4))
+    progress = []
+    trainer = Trainer(filled, split, progress=lambda *a: progress.append(a))
+    assert trainer.fill_cache(split) is None and progress[-1] == ("features train", 30, 30)
+    reference = Trainer(TrainSession.create(tiny_tod(), Context(threads=1)), split).features(split)
+    np.testing.assert_array_equal(np.stack(filled.feature_cache.get_many(split.keys)), reference)
+    with pytest.raises(UserError, match="fill_cache needs the feature cache"):
+        Trainer(TrainSession.create(tiny_tod(), Context(cache=False)), split).fill_cache(split)

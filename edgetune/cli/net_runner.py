@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
         for split in _splits_used(trainer, data, 10**9 if args.auto else args.cycles):
-            trainer.features(split)
+            trainer.fill_cache(split)
         trainer.progress = None
     else:  # every evaluation runs the backbone again: show each one's progress
         trainer.progress = progress
