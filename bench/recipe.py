@@ -7,8 +7,8 @@ For one model and prepared dataset it measures the validation accuracy of
    with C chosen on the test split;
 2. the plain recipe, the demo's train.sh: `net_runner -c 600 --lr 0.01 --target-accuracy 1.01`;
 3. the --auto recipe: `edgetune.runtime.auto.search` on the test split, then the chosen recipe
-   trained from the model file through the Trainer (cosine over the search's horizon, the chosen
-   step count), as `net_runner --auto` will run it (phase 2 of issue 12 adds the flag).
+   trained from the model file through the Trainer (cosine over the chosen step count, from a zero
+   classifier), as `net_runner --auto` runs it.
 Runs 2 and 3 are separate processes, timed from start to exit; each extracts the features itself
 unless `--cache-dir` lets them share a disk cache (then their times say nothing about speed). Without
 it, on the demo data, the two wall times are issue 12's "at most 2x the plain run" check.
@@ -53,13 +53,13 @@ def run_auto(model: str, data: str, seed: int, budget: float, cache_dir: str | N
     final = auto.recipe_session(tod, r.lr, r.weight_decay, Context(), zero_classifier=r.zero_classifier)
     for split in (data.train, data.test, data.validation):  # the backbone already ran for these images
         final.feature_cache.put_many(split.keys, rows[split.name])
-    trainer = Trainer(final, data.train, data.test, callbacks=[CosineLR(r.horizon)], seed=seed,
-                      test_every=result.test_every, target_accuracy=None)
+    trainer = Trainer(final, data.train, data.test, callbacks=[CosineLR(r.steps)], seed=seed,
+                      test_every=0, target_accuracy=None)
     trainer.fit(r.steps)
     test, validation = trainer.evaluate("test"), trainer.evaluate("validation", data.validation)
     with tempfile.TemporaryDirectory() as tmp:  # net_runner saves the trained model: so does this run
         final.save(os.path.join(tmp, "trained.tod"))
-    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps, "horizon": r.horizon,
+    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps,
                        "zero_classifier": r.zero_classifier},
             "search_test_accuracy": r.test_accuracy, "retrained_test_accuracy": test,
             "validation_accuracy": validation, "search_seconds": searched - extracted,
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|---:|---|")
     print(f"| {args.data.name} | {sizes['train']}/{sizes['test']}/{sizes['validation']} | {result['probe_c1']:.4f} "
           f"| {result['probe_chosen']:.4f} (C={bound.chosen.C:g}) | {plain_val:.4f} | {result['auto']:.4f} "
-          f"| lr {r['lr']:g}, decay {r['weight_decay']:.3g}, {r['steps']}/{r['horizon']} steps |")
+          f"| lr {r['lr']:g}, decay {r['weight_decay']:.3g}, {r['steps']} steps |")
     print(f"wall: plain {plain_s:.1f} s, auto {auto_s:.1f} s ({auto_s / plain_s:.2f}x; search {found['search_seconds']:.1f} s"
           f"{', budget spent' if found['budget_spent'] else ''}); retrained test {found['retrained_test_accuracy']:.4f}"
           f" vs searched {found['search_test_accuracy']:.4f}")

@@ -135,7 +135,7 @@ def _auto(args: argparse.Namespace, session, data, trainer) -> int:
             f.writelines(json.dumps(row) + "\n" for row in result.rows())
     recipe = result.recipe
     auto.prepare(session, recipe.lr, recipe.weight_decay, recipe.zero_classifier)
-    trainer.callbacks.insert(0, CosineLR(recipe.horizon))  # as each candidate trained
+    trainer.callbacks.insert(0, CosineLR(recipe.steps))  # as each candidate trained
     trainer.target_accuracy = None  # the chosen step count is the stop
     return recipe.steps
 
