@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raise the learning rate linearly over the first N steps (default 0)")
     parser.add_argument("--auto", action="store_true",
                         help="choose learning rate, weight decay and step count on the test split by training "
-                             "candidates over the cached features, then train the chosen recipe (cosine; replaces "
-                             "-c, --lr, --weight-decay, --schedule and --target-accuracy); prints the search")
+                             "candidates over the cached features to the end of a cosine, then train the chosen "
+                             "recipe (a fresh model's classifier starts at zero; replaces -c, --lr, --weight-decay, "
+                             "--schedule and --target-accuracy); prints the search")
     parser.add_argument("--auto-budget", type=float, default=None, metavar="SECONDS",
                         help="--auto: no new candidate starts after this many seconds (default 60)")
     parser.add_argument("--keep-best", action="store_true",
