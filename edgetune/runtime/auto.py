@@ -26,19 +26,19 @@ split, within `MIN_STEPS` / `MAX_STEPS`, times the stage-3 factor) and is scored
 the test split: the highest test accuracy, ties broken by the lower test loss (accuracy moves in
 steps of 1 / n_test, so near-equal candidates are common and the loss is the steadier judge), then by
 fewer steps. Ties between candidates go to the one run first. A candidate whose training diverges
-scores nothing and the search goes on. Scoring a trained-out candidate, not the best of many
-evaluations along the way, is what the logistic regression's C is chosen on, and it is measured
-better: on the dev sets below, the test maximum over 20 evaluations per candidate overstated the
-validation accuracy by 1.6 points and landed 0.3 points under the end of the same run.
+scores nothing and the search goes on. A trained-out candidate is what the logistic regression's C
+is chosen on; the best of many evaluations along the way was tried first and measured worse on the
+dev sets below: it overstated validation accuracy twice as much and landed under the run's end
+(bench/RESULTS.md, issue 12).
 
 A fresh model's classifier (the layer that writes the logits) starts at zero in every candidate and in
 the final run, as the logistic regression's solver starts: a random initial classifier keeps, in the
 directions the features barely span, a component that only weight decay shrinks, by a factor
 (1 - lr * decay) per step, nothing within the horizon at these rates, and the head then ends away
-from the regularized optimum. Measured with bench/zero_start.py on three Fashion-MNIST sets disjoint
-from every reported one (bench/RESULTS.md): at weak decay the head ended 0.69 points under the
-logistic regression at the same C from a random start, 0.29 from zero. A model that has trained
-(step > 0) continues from its weights.
+from the regularized optimum. bench/zero_start.py measures it on three Fashion-MNIST sets disjoint
+from every reported one (bench/RESULTS.md): at weak decay the head ends further under the logistic
+regression at the same C from a random start than from zero. A model that has trained (step > 0)
+continues from its weights.
 
 The budget bounds the search's wall time: no candidate starts once it is spent (the first always
 runs), and rows of candidates not run say so. The plan is sized to fit the default budget with room
