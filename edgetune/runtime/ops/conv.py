@@ -1,0 +1,187 @@
+"""ONNX `Conv` in numpy: pointwise 1x1 as one matrix product, kxk (depthwise, grouped, dense) tap by tap.
+
+Semantics are ONNX's (NCHW shapes; the dtype follows the input, float32 in the engine, float64 in
+the gradient tests). Memory is channels-last: the op computes on the NHWC view of its input and
+returns the NHWC result viewed as NCHW (`y.transpose(0, 3, 1, 2)`: the shape ONNX expects, the
+strides of an NHWC array), as PyTorch's `channels_last` does. numpy's element-wise ops keep that
+layout, so in a Conv -> BatchNormalization -> Clip -> Conv chain only the cut tensor and the
+gradient coming back from the pooling are ever transposed. Why, measured at EfficientNet-Lite0's
+last-block shapes at batch 32 (`bench/ops_speed.py` prints the current numbers):
+
+- A pointwise conv (1x1, stride 1, no pads, one group) is one matrix product
+  `X (N*H*W, C) @ W^T (C, M)`; backward two more (dW = G^T X, dX = G W). numpy's batched `matmul`
+  over the N images (49 columns each) was 5-10x slower.
+- Every other conv loops over the kh*kw taps of its kernel, with images, positions and channels
+  vectorised per tap: `Y += Xpad[:, i::s, j::s, :] * W[:, i, j]`; backward walks the same taps.
+  For a depthwise kernel a tap is a broadcast multiply-add over a contiguous channel axis (2x
+  faster than the same loop on NCHW, whose innermost axis is only 7 wide, and faster than an
+  einsum over `sliding_window_view`); for other groupings it is a matrix product per tap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgetune.runtime.ops.base import Op, UnknownOp, register_op
+
+
+def _pair(values: Sequence[int] | None, default: int) -> tuple[int, int]:
+    if not values:
+        return default, default
+    if len(values) != 2:
+        raise UnknownOp(f"Conv: only 2-D convolutions are supported, got {list(values)}")
+    return int(values[0]), int(values[1])
+
+
+def _nchw(y: np.ndarray) -> np.ndarray:
+    """An NHWC array seen as NCHW (a view: channels-last memory)."""
+    return y.transpose(0, 3, 1, 2)
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    """An NCHW array seen as NHWC (a view; contiguous when `x` is channels-last memory)."""
+    return x.transpose(0, 2, 3, 1)
+
+
+@register_op("Conv")
+class Conv(Op):
+    """`Y = conv(X, W) + B` for X (N, C, H, W), W (M, C/group, kh, kw), B (M,) optional.
+
+    Pads are ONNX's explicit `[top, left, bottom, right]` (asymmetric allowed: TF-"same" padding
+    of a stride-2 kernel pads more at the end) or `auto_pad` SAME_UPPER / SAME_LOWER / VALID.
+    Dilations other than 1 are refused when the node is built.
+    """
+
+    attributes = {"auto_pad": "NOTSET", "dilations": None, "group": 1, "kernel_shape": None, "pads": None,
+                  "strides": None}
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        if _pair(self.attrs["dilations"], 1) != (1, 1):
+            raise UnknownOp(f"Conv: dilations {list(self.attrs['dilations'])} are not supported (only 1)")
+        if self.attrs["auto_pad"] not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+            raise UnknownOp(f"Conv: unknown auto_pad {self.attrs['auto_pad']!r}")
+        pads = self.attrs["pads"]
+        if pads is not None and len(pads) != 4:
+            raise UnknownOp(f"Conv: pads must be [top, left, bottom, right], got {list(pads)}")
+        self.strides = _pair(self.attrs["strides"], 1)
+        self.group = int(self.attrs["group"])
+        if self.group < 1:
+            raise UnknownOp(f"Conv: group must be >= 1, got {self.group}")
+
+    def forward(self, x: np.ndarray, w: np.ndarray, *bias: np.ndarray | None) -> np.ndarray:
+        b = bias[0] if bias else None
+        n, c, h, wd = x.shape
+        m, cg, kh, kw = w.shape
+        if c != cg * self.group or m % self.group:
+            raise ValueError(f"Conv: an input of {c} channels does not fit weight {w.shape} with group={self.group}")
+        if self.attrs["kernel_shape"] is not None and tuple(self.attrs["kernel_shape"]) != (kh, kw):
+            raise ValueError(f"Conv: kernel_shape {list(self.attrs['kernel_shape'])} but weight {w.shape}")
+        top, left, bottom, right = self._pads((h, wd), (kh, kw))
+        sh, sw = self.strides
+        oh, ow = (h + top + bottom - kh) // sh + 1, (wd + left + right - kw) // sw + 1
+        self._in, self._pad, self._out = (n, c, h, wd), (top, left, bottom, right), (oh, ow)
+        self._w, self._inputs, self._has_bias = w, 2 + len(bias), b is not None
+        self._pointwise = (kh, kw, sh, sw, self.group) == (1, 1, 1, 1, 1) and not any(self._pad)
+        if self._pointwise:  # Y = X W^T over (N*H*W, C) rows
+            self._x = _nhwc(x).reshape(n * h * wd, c)
+            y = (self._x @ w.reshape(m, c).T).reshape(n, h, wd, m)
+        else:
+            xp = np.pad(_nhwc(x), ((0, 0), (top, bottom), (left, right), (0, 0))) if any(self._pad) else _nhwc(x)
+            self._x = xp
+            y = np.zeros((n, oh, ow, m), dtype=np.result_type(x, w))
+            for i, j, tap in self._taps(xp, kh, kw):
+                y += self._tap_forward(tap, w[:, :, i, j])
+        if b is not None:
+            y += b
+        return _nchw(y)
+
+    def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        n, c, h, wd = self._in
+        w = self._w
+        m, cg, kh, kw = w.shape
+        want_x, want_w = self._wants(0), self._wants(1)
+        g = _nhwc(grad)
+        gx = gw = None
+        if self._pointwise:
+            g = g.reshape(n * h * wd, m)
+            if want_w:  # dW = G^T X
+                gw = (g.T @ self._x).reshape(w.shape)
+            if want_x:  # dX = G W
+                gx = _nchw((g @ w.reshape(m, c)).reshape(n, h, wd, c))
+        else:
+            gxp = np.zeros_like(self._x) if want_x else None
+            gw = np.empty_like(w) if want_w else None
+            for i, j, tap in self._taps(self._x, kh, kw):
+                if want_w:  # dW[:, :, i, j] = sum over images and positions of G * Xpad[tap]
+                    gw[:, :, i, j] = self._tap_weight_grad(g, tap)
+                if want_x:  # dXpad[tap] += G W[:, :, i, j]
+                    self._tap_view(gxp, i, j)[...] += self._tap_input_grad(g, w[:, :, i, j])
+            if want_x:
+                top, left, _, _ = self._pad
+                gx = _nchw(gxp[:, top:top + h, left:left + wd, :])
+        if self._inputs == 2:
+            return gx, gw
+        return gx, gw, g.sum(axis=tuple(range(g.ndim - 1))) if self._has_bias and self._wants(2) else None
+
+    def _pads(self, size: tuple[int, int], kernel: tuple[int, int]) -> tuple[int, int, int, int]:
+        mode = self.attrs["auto_pad"]
+        if mode == "VALID":
+            return 0, 0, 0, 0
+        if mode == "NOTSET":
+            top, left, bottom, right = (int(p) for p in self.attrs["pads"] or (0, 0, 0, 0))
+            return top, left, bottom, right
+        begin, end = [], []
+        for size_i, k, s in zip(size, kernel, self.strides, strict=True):
+            total = max((-(-size_i // s) - 1) * s + k - size_i, 0)
+            small, big = total // 2, total - total // 2
+            begin.append(small if mode == "SAME_UPPER" else big)
+            end.append(big if mode == "SAME_UPPER" else small)
+        return begin[0], begin[1], end[0], end[1]
+
+    def _wants(self, i: int) -> bool:
+        return not self.needs_grad or (i < len(self.needs_grad) and self.needs_grad[i])
+
+    def _tap_view(self, xp: np.ndarray, i: int, j: int) -> np.ndarray:
+        """What kernel tap (i, j) reads for every output position: a strided view of the padded NHWC input."""
+        (sh, sw), (oh, ow) = self.strides, self._out
+        return xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+
+    def _taps(self, xp: np.ndarray, kh: int, kw: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for i in range(kh):
+            for j in range(kw):
+                yield i, j, self._tap_view(xp, i, j)
+
+    def _depthwise(self, m: int, c: int) -> bool:
+        return self.group == c == m
+
+    def _tap_forward(self, tap: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        """One tap's contribution: `wt` (M, C/group) applied to `tap` (N, oh, ow, C)."""
+        m, c, g = wt.shape[0], tap.shape[-1], self.group
+        if self._depthwise(m, c):  # one weight per channel
+            return tap * wt[:, 0]
+        rows = tap.reshape(-1, g, c // g)
+        out = np.einsum("pgc,gmc->pgm", rows, wt.reshape(g, m // g, c // g), optimize=True)
+        return out.reshape(tap.shape[:3] + (m,))
+
+    def _tap_weight_grad(self, g: np.ndarray, tap: np.ndarray) -> np.ndarray:
+        """d wt (M, C/group) of one tap from the output gradient `g` (N, oh, ow, M)."""
+        m, c, grp = g.shape[-1], tap.shape[-1], self.group
+        if self._depthwise(m, c):
+            return np.einsum("nhwc,nhwc->c", g, tap).reshape(m, 1)
+        gr = g.reshape(-1, grp, m // grp)
+        rows = tap.reshape(-1, grp, c // grp)
+        return np.einsum("pgm,pgc->gmc", gr, rows, optimize=True).reshape(m, c // grp)
+
+    def _tap_input_grad(self, g: np.ndarray, wt: np.ndarray) -> np.ndarray:
+        """d tap (N, oh, ow, C) of one tap: the output gradient through `wt` (M, C/group)."""
+        m, grp = g.shape[-1], self.group
+        c = wt.shape[1] * grp
+        if self._depthwise(m, c):
+            return g * wt[:, 0]
+        gr = g.reshape(-1, grp, m // grp)
+        out = np.einsum("pgm,gmc->pgc", gr, wt.reshape(grp, m // grp, c // grp), optimize=True)
+        return out.reshape(g.shape[:3] + (c,))
