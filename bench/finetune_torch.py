@@ -281,6 +281,18 @@ def sweep_recipes(choice: str) -> list[Recipe]:
             Recipe(SGD(lr=0.01, dampening=0.0), 0.1), Recipe(SGD(lr=0.003, dampening=0.0))]
 
 
+def parse_recipe(text: str) -> Recipe:
+    """`adam:LR[:SCALE]` or `sgd:LR[:SCALE[:MOMENTUM]]` (SGD without dampening) as a `Recipe`."""
+    kind, *nums = text.split(":")
+    values = [float(v) for v in nums]
+    if kind not in ("adam", "sgd") or not 1 <= len(values) <= (2 if kind == "adam" else 3):
+        raise argparse.ArgumentTypeError(f"bad recipe {text!r}: adam:LR[:SCALE] or sgd:LR[:SCALE[:MOMENTUM]]")
+    scale = values[1] if len(values) > 1 else 1.0
+    if kind == "adam":
+        return Recipe(Adam(lr=values[0]), scale)
+    return Recipe(SGD(lr=values[0], momentum=values[2] if len(values) > 2 else 0.9, dampening=0.0), scale)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="prepared dataset (classes.txt + class folders)")
@@ -289,6 +301,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="head init and data order seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sweep", action="store_true", help="search the recipe grid instead of the default recipes")
+    p.add_argument("--recipe", type=parse_recipe, action="append",
+                   help="run this recipe instead (repeatable): adam:LR[:BACKBONE_SCALE] or sgd:LR[:SCALE[:MOMENTUM]]")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgetune" / "bench-finetune")
     p.add_argument("--out", type=Path, help="append every result as a JSON line")
     p.add_argument("--extract-with", choices=["torch", "ort"], default="torch",
@@ -302,7 +316,7 @@ def main() -> None:
          f"test {pr['best_test']:.3f} val {pr['best_val']:.3f}")
     results = []
     for choice in args.choices:
-        recipes = sweep_recipes(choice) if args.sweep else [RECIPES[choice]]
+        recipes = args.recipe or (sweep_recipes(choice) if args.sweep else [RECIPES[choice]])
         for recipe in recipes:
             res = finetune(choice, feats[choice], num_classes, recipe, args.epochs, args.seed)
             _say(f"{choice:10s} {res.recipe:34s} test {res.test:.3f} val {res.val:.3f} "

@@ -284,3 +284,14 @@ def test_the_registry_holds_exactly_these_ops_from_these_files():
     assert mine == {"Conv", "BatchNormalization", "GlobalAveragePool", "ReduceMean", "Clip", "Add", "Mul", "Sigmoid"}
     for name in mine:
         assert get_op(name).op_type == name
+
+
+def test_float32_stays_float32_whatever_the_constants():
+    x = np.linspace(-2, 8, 24, dtype=np.float32).reshape(1, 2, 3, 4)
+    assert Clip().forward(x, np.array(0.0), np.array(6.0)).dtype == np.float32  # float64 bounds
+    conv = Conv(pads=[1, 1, 1, 1], group=2)
+    y = conv.forward(x, np.ones((2, 1, 3, 3), np.float32))
+    assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in conv.backward(np.ones_like(y)))
+    bn = BatchNormalization(epsilon=1e-3)
+    ones = np.ones(2, np.float32)
+    assert bn.forward(x, ones, ones, ones, ones).dtype == np.float32

@@ -93,8 +93,9 @@ class Conv(Op):
             xp = np.pad(_nhwc(x), ((0, 0), (top, bottom), (left, right), (0, 0))) if any(self._pad) else _nhwc(x)
             self._x = xp
             y = np.zeros((n, oh, ow, m), dtype=np.result_type(x, w))
+            scratch = np.empty_like(y)
             for i, j, tap in self._taps(xp, kh, kw):
-                y += self._tap_forward(tap, w[:, :, i, j])
+                y += self._tap_forward(tap, w[:, :, i, j], scratch)
         if b is not None:
             y += b
         return _nchw(y)
@@ -115,11 +116,12 @@ class Conv(Op):
         else:
             gxp = np.zeros_like(self._x) if want_x else None
             gw = np.empty_like(w) if want_w else None
+            scratch = np.empty(g.shape, dtype=np.result_type(g, w))
             for i, j, tap in self._taps(self._x, kh, kw):
                 if want_w:  # dW[:, :, i, j] = sum over images and positions of G * Xpad[tap]
                     gw[:, :, i, j] = self._tap_weight_grad(g, tap)
                 if want_x:  # dXpad[tap] += G W[:, :, i, j]
-                    self._tap_view(gxp, i, j)[...] += self._tap_input_grad(g, w[:, :, i, j])
+                    self._tap_view(gxp, i, j)[...] += self._tap_input_grad(g, w[:, :, i, j], scratch)
             if want_x:
                 top, left, _, _ = self._pad
                 gx = _nchw(gxp[:, top:top + h, left:left + wd, :])
@@ -158,11 +160,11 @@ class Conv(Op):
     def _depthwise(self, m: int, c: int) -> bool:
         return self.group == c == m
 
-    def _tap_forward(self, tap: np.ndarray, wt: np.ndarray) -> np.ndarray:
-        """One tap's contribution: `wt` (M, C/group) applied to `tap` (N, oh, ow, C)."""
+    def _tap_forward(self, tap: np.ndarray, wt: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """One tap's contribution: `wt` (M, C/group) applied to `tap` (N, oh, ow, C); may use `scratch`."""
         m, c, g = wt.shape[0], tap.shape[-1], self.group
         if self._depthwise(m, c):  # one weight per channel
-            return tap * wt[:, 0]
+            return np.multiply(tap, wt[:, 0], out=scratch)
         rows = tap.reshape(-1, g, c // g)
         out = np.einsum("pgc,gmc->pgm", rows, wt.reshape(g, m // g, c // g), optimize=True)
         return out.reshape(tap.shape[:3] + (m,))
@@ -176,12 +178,12 @@ class Conv(Op):
         rows = tap.reshape(-1, grp, c // grp)
         return np.einsum("pgm,pgc->gmc", gr, rows, optimize=True).reshape(m, c // grp)
 
-    def _tap_input_grad(self, g: np.ndarray, wt: np.ndarray) -> np.ndarray:
-        """d tap (N, oh, ow, C) of one tap: the output gradient through `wt` (M, C/group)."""
+    def _tap_input_grad(self, g: np.ndarray, wt: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """d tap (N, oh, ow, C) of one tap: the output gradient through `wt` (M, C/group); may use `scratch`."""
         m, grp = g.shape[-1], self.group
         c = wt.shape[1] * grp
         if self._depthwise(m, c):
-            return g * wt[:, 0]
+            return np.multiply(g, wt[:, 0], out=scratch)
         gr = g.reshape(-1, grp, m // grp)
         out = np.einsum("pgm,gmc->pgc", gr, wt.reshape(grp, m // grp, c // grp), optimize=True)
         return out.reshape(g.shape[:3] + (c,))

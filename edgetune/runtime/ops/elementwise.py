@@ -31,7 +31,7 @@ class Clip(Op):
     """
 
     def forward(self, x: np.ndarray, *bounds: np.ndarray | None) -> np.ndarray:
-        lo, hi = (*bounds, None, None)[:2]
+        lo, hi = (None if b is None else np.asarray(b, dtype=x.dtype) for b in (*bounds, None, None)[:2])
         keep = np.ones(x.shape, dtype=bool)
         if lo is not None:
             keep &= x > lo
