@@ -138,50 +138,58 @@ def _onnx_prefix(prefix: nn.Module, cache_dir: Path, threads: int):
     return lambda x: torch.from_numpy(session.run(None, {"data": x.numpy()})[0])
 
 
-def extract(data: Path, cache_dir: Path, threads: int, engine: str = "torch") -> tuple[dict[str, Features], int]:
-    """Features at every cut: run the prefix once per image, cache the earliest cut on disk.
+def extract(data: Path, cache_dir: Path, threads: int, engine: str = "torch",
+            choices: tuple[str, ...] = ("head", "last-block", "last-stage")) -> tuple[dict[str, Features], int, str]:
+    """Features at the cuts of `choices`: the prefix runs once per image; every cut is cached on disk.
+
+    The earliest cut (the input of block 11) comes from the images; the later ones (block 15's
+    input, the logits) from it, through the frozen blocks in between.
 
     Args:
         engine: what runs the prefix: `torch` (eager, the PyTorch peer's own cache) or `ort`
             (the prefix exported to ONNX: the same features within float32 rounding, faster).
 
     Returns:
-        `{"last-stage": ..., "last-block": ..., "head": ...}` and the number of classes.
+        `{choice: Features}`, the number of classes, and the dataset's cache key.
     """
     net, info = create_backbone("efficientnet-lite0")
     ds = load_dataset(data, info.preprocessing)
     splits = {"train": ds.train, "test": ds.test, "validation": ds.validation}
     key = hashlib.sha256("".join(k for s in splits.values() for k in s.keys).encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    xs: dict[str, torch.Tensor] = {}
     prefix = Prefix(net, EARLIEST).eval()
-    run = prefix if engine == "torch" else None
-    for name, split in splits.items():
-        path = cache_dir / f"{key}-{name}-b{EARLIEST}.npy"
-        if path.exists():
-            xs[name] = torch.from_numpy(np.load(path))
-            continue
+    runner: list = [prefix] if engine == "torch" else []
+
+    def earliest(name: str) -> torch.Tensor:
+        split = splits[name]
         _say(f"extracting {name} ({len(split)} images) at the input of block {EARLIEST} with {engine}...")
-        run = run or _onnx_prefix(prefix, cache_dir, threads)
+        if not runner:
+            runner.append(_onnx_prefix(prefix, cache_dir, threads))
         out, t0 = [], time.perf_counter()
         with torch.inference_mode():
             for start in range(0, len(split), EXTRACT_BATCH):
-                out.append(run(torch.from_numpy(split.images(range(start, min(start + EXTRACT_BATCH, len(split)))))))
-        arr = torch.cat(out).numpy()
-        tmp = path.with_suffix(".partial.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+                out.append(runner[0](torch.from_numpy(split.images(range(start, min(start + EXTRACT_BATCH, len(split)))))))
         _say(f"  {len(split)} images in {time.perf_counter() - t0:.0f} s")
-        xs[name] = torch.from_numpy(arr)
+        return torch.cat(out)
+
+    later = Prefix(net, FIRST_BLOCK["last-block"], start=EARLIEST).eval()
+    rest = Tail(net, FIRST_BLOCK["last-block"], nn.Identity()).eval()
+    cut = {"last-stage": ("b11", lambda n: earliest(n)),
+           "last-block": ("b15", lambda n: _batched(later, load("last-stage", n))),
+           "head": ("logits", lambda n: _batched(rest, load("last-block", n)))}
+
+    def load(choice: str, name: str) -> torch.Tensor:
+        tag, compute = cut[choice]
+        path = cache_dir / f"{key}-{name}-{tag}.npy"
+        if not path.exists():
+            tmp = path.with_suffix(".partial.npy")
+            np.save(tmp, compute(name).numpy())
+            os.replace(tmp, path)
+        return torch.from_numpy(np.load(path))
+
     ys = {name: torch.from_numpy(split.labels) for name, split in splits.items()}
-    feats = {"last-stage": Features(xs, ys)}
-    with torch.inference_mode():
-        later = Prefix(net, FIRST_BLOCK["last-block"], start=EARLIEST).eval()
-        block = {n: _batched(later, x) for n, x in xs.items()}
-        feats["last-block"] = Features(block, ys)
-        rest = Tail(net, FIRST_BLOCK["last-block"], nn.Identity()).eval()
-        feats["head"] = Features({n: _batched(rest, x) for n, x in block.items()}, ys)
-    return feats, len(ds.class_names)
+    feats = {c: Features({n: load(c, n) for n in splits}, ys) for c in dict.fromkeys((*choices, "head"))}
+    return feats, len(ds.class_names), key
 
 
 def _batched(module: nn.Module, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
@@ -258,16 +266,24 @@ def finetune(choice: str, feats: Features, num_classes: int, recipe: Recipe, epo
 
 
 def probe(feats: Features, cs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)) -> dict:
-    """Logistic regression on the frozen logits: C=1, and the C best on the test split."""
+    """Logistic regression on the frozen logits: C=1, and the C best on the test split (ties: the smaller).
+
+    The recipe helper's `bench/probe.py` method: raw features (no standardisation: the head is a
+    dense layer on them), multinomial L2, lbfgs to its own tolerance within 10000 iterations, in
+    float64 on one BLAS thread (several times faster than float32 or more threads here).
+    """
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     x = {n: t.numpy().astype(np.float64) for n, t in feats.x.items()}
     y = {n: t.numpy() for n, t in feats.y.items()}
     rows = {}
     for c in cs:
-        clf = LogisticRegression(C=c, max_iter=10000, tol=1e-6).fit(x["train"], y["train"])
-        rows[c] = (clf.score(x["test"], y["test"]), clf.score(x["validation"], y["validation"]))
-    best = max(cs, key=lambda c: (rows[c][0], -abs(np.log10(c))))
+        with threadpool_limits(1):
+            clf = LogisticRegression(C=c, max_iter=10000).fit(x["train"], y["train"])
+        rows[c] = (clf.score(x["test"], y["test"]), clf.score(x["validation"], y["validation"]), int(clf.n_iter_[0]))
+        _say(f"  probe C={c:g}: test {rows[c][0]:.3f} validation {rows[c][1]:.3f} ({rows[c][2]} iterations)")
+    best = max(cs, key=lambda c: (rows[c][0], -c))
     return {"c1_test": rows[1.0][0], "c1_val": rows[1.0][1], "best_c": best, "best_test": rows[best][0],
             "best_val": rows[best][1], "all": {str(c): rows[c] for c in cs}}
 
@@ -282,15 +298,17 @@ def sweep_recipes(choice: str) -> list[Recipe]:
 
 
 def parse_recipe(text: str) -> Recipe:
-    """`adam:LR[:SCALE]` or `sgd:LR[:SCALE[:MOMENTUM]]` (SGD without dampening) as a `Recipe`."""
+    """`adam:LR[:SCALE[:WD]]` or `sgd:LR[:SCALE[:WD]]` (momentum 0.9, no dampening) as a `Recipe`."""
     kind, *nums = text.split(":")
-    values = [float(v) for v in nums]
-    if kind not in ("adam", "sgd") or not 1 <= len(values) <= (2 if kind == "adam" else 3):
-        raise argparse.ArgumentTypeError(f"bad recipe {text!r}: adam:LR[:SCALE] or sgd:LR[:SCALE[:MOMENTUM]]")
-    scale = values[1] if len(values) > 1 else 1.0
-    if kind == "adam":
-        return Recipe(Adam(lr=values[0]), scale)
-    return Recipe(SGD(lr=values[0], momentum=values[2] if len(values) > 2 else 0.9, dampening=0.0), scale)
+    try:
+        values = [float(v) for v in nums]
+    except ValueError:
+        values = []
+    if kind not in ("adam", "sgd") or not 1 <= len(values) <= 3:
+        raise argparse.ArgumentTypeError(f"bad recipe {text!r}: adam|sgd:LR[:BACKBONE_SCALE[:WEIGHT_DECAY]]")
+    lr, scale, wd = (*values, 1.0, 0.0)[:3]
+    opt = Adam(lr=lr, weight_decay=wd) if kind == "adam" else SGD(lr=lr, dampening=0.0, weight_decay=wd)
+    return Recipe(opt, scale)
 
 
 def main() -> None:
@@ -302,7 +320,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sweep", action="store_true", help="search the recipe grid instead of the default recipes")
     p.add_argument("--recipe", type=parse_recipe, action="append",
-                   help="run this recipe instead (repeatable): adam:LR[:BACKBONE_SCALE] or sgd:LR[:SCALE[:MOMENTUM]]")
+                   help="run this recipe instead (repeatable): adam|sgd:LR[:BACKBONE_SCALE[:WEIGHT_DECAY]]")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgetune" / "bench-finetune")
     p.add_argument("--out", type=Path, help="append every result as a JSON line")
     p.add_argument("--extract-with", choices=["torch", "ort"], default="torch",
@@ -310,8 +328,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    feats, num_classes = extract(args.data, args.cache_dir, args.threads, args.extract_with)
-    pr = probe(feats["head"])
+    feats, num_classes, key = extract(args.data, args.cache_dir, args.threads, args.extract_with, tuple(args.choices))
+    probe_path = args.cache_dir / f"{key}-probe.json"
+    if probe_path.exists():
+        pr = json.loads(probe_path.read_text())
+    else:
+        pr = probe(feats["head"])
+        probe_path.with_suffix(".partial").write_text(json.dumps(pr))
+        os.replace(probe_path.with_suffix(".partial"), probe_path)
     _say(f"probe: C=1 test {pr['c1_test']:.3f} val {pr['c1_val']:.3f}; C={pr['best_c']} (best on test) "
          f"test {pr['best_test']:.3f} val {pr['best_val']:.3f}")
     results = []

@@ -38,6 +38,8 @@ class Recipe:
         text = f"{name} lr {self.optimizer.lr:g}"
         if isinstance(self.optimizer, SGD):
             text += f" m {self.optimizer.momentum:g} d {self.optimizer.dampening:g}"
+        if self.optimizer.weight_decay:
+            text += f" wd {self.optimizer.weight_decay:g}"
         return text + (f", backbone x{self.backbone_lr_scale:g}" if self.backbone_lr_scale != 1.0 else "")
 
 
