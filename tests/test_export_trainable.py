@@ -69,7 +69,7 @@ def test_module_names_are_a_custom_choice_and_the_head_always_trains(lite0_net):
     sel = select(lite0_net, "backbone._conv_head, backbone._fc.weight")
     assert sel.choice == "custom" and sel.recipe == RECIPES["last-block"]
     assert sel.params == ["backbone._conv_head.weight", "backbone._fc.weight", "head.bias", "head.weight"]
-    groups = sel.param_groups(RECIPES["last-stage"])
+    groups = sel.param_groups(RECIPES["last-stage"].backbone_lr_scale)
     assert groups == [{"name": "head", "params": ["head.bias", "head.weight"], "lr_scale": 1.0},
                       {"name": "backbone", "params": ["backbone._conv_head.weight", "backbone._fc.weight"],
                        "lr_scale": RECIPES["last-stage"].backbone_lr_scale}]

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -116,7 +115,7 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
         }
         if selection.backbone:
             meta["trainable_choice"] = selection.choice
-            meta["param_groups"] = selection.param_groups(replace(recipe, backbone_lr_scale=lr_scale))
+            meta["param_groups"] = selection.param_groups(lr_scale)
         if isinstance(net, TransferNet):
             net.head.train()  # keeps Dropout as a node; the backbone stays in eval mode (BN: running statistics)
         model = _to_onnx(net, dummy)

@@ -67,12 +67,12 @@ class Selection:
             return RECIPES[self.choice]
         return RECIPES[DEEP] if self.backbone else RECIPES[HEAD]
 
-    def param_groups(self, recipe: Recipe) -> list[dict[str, Any]]:
-        """`meta.param_groups`: the head at the optimizer's lr, the backbone's parameters at `lr * lr_scale`."""
+    def param_groups(self, backbone_lr_scale: float) -> list[dict[str, Any]]:
+        """`meta.param_groups`: the head at the optimizer's lr, the backbone's parameters at `lr * backbone_lr_scale`."""
         head = [p for p in self.params if p not in set(self.backbone)]
         groups = [{"name": "head", "params": head, "lr_scale": 1.0}] if head else []
         if self.backbone:
-            groups.append({"name": "backbone", "params": list(self.backbone), "lr_scale": recipe.backbone_lr_scale})
+            groups.append({"name": "backbone", "params": list(self.backbone), "lr_scale": float(backbone_lr_scale)})
         return groups
 
 
