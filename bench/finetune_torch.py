@@ -122,7 +122,9 @@ def _say(msg: str) -> None:
 
 def _onnx_prefix(prefix: nn.Module, cache_dir: Path, threads: int):
     """The prefix exported once to ONNX and run by onnxruntime (several times faster than torch eager here)."""
-    from edgetune.runtime.ort import ort
+    from edgetune.runtime.ort import onnxruntime
+
+    ort = onnxruntime()
 
     path = cache_dir / f"lite0-prefix-b{EARLIEST}.onnx"
     if not path.exists():

@@ -23,7 +23,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from edgetune.cli import net_runner
-from edgetune.runtime.dataset import load_dataset, open_image, preprocess
+from edgetune.runtime.dataset import load_dataset, preprocess
+from edgetune.runtime.decode import open_image
 from edgetune.runtime.format import load_file
 
 BENCH = Path(__file__).resolve().parent

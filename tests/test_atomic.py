@@ -113,3 +113,15 @@ def test_mode_of_new_and_replaced_files(tmp_path: Path) -> None:
         assert Path(path).read_bytes() == b"2"
     finally:
         os.umask(old_mask)
+
+
+@pytest.mark.parametrize("old_mode", [0o4755, 0o2750, 0o1777, 0o7777, 0o6644])
+def test_set_id_and_sticky_bits_of_a_replaced_file_are_dropped(old_mode: int, tmp_path: Path) -> None:
+    """Only the permission bits (0o777) carry over: a file someone made setuid or setgid must not hand
+    that bit to a checkpoint written over it (issue 16)."""
+    path = tmp_path / "m.tod"
+    path.write_bytes(b"old")
+    os.chmod(path, old_mode)
+    write_atomic(path, b"new")
+    assert stat.S_IMODE(os.stat(path).st_mode) == old_mode & 0o777
+    assert path.read_bytes() == b"new"

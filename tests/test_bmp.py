@@ -20,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edgetune.runtime import dataset as dataset_module
+from edgetune.runtime import decode as decode_module
 from edgetune.runtime.bmp import BmpError, BmpUnsupported, decode_bmp
-from edgetune.runtime.dataset import MAX_PIXELS, BadImage, decode_image, load_dataset
+from edgetune.runtime.dataset import load_dataset
+from edgetune.runtime.decode import MAX_PIXELS, BadImage, decode_image
 
 LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": "NCHW", "channels": "RGB",
          "scale": 1.0, "mean": [127.0] * 3, "std": [128.0] * 3}
@@ -255,7 +256,9 @@ def test_loader_works_with_pillow_blocked(fashion_dir: Path, tmp_path: Path) -> 
 
 def test_decode_image_of_a_prepared_bmp_needs_no_pillow(fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process twin of the subprocess test: a prepared BMP through `Split.images` never calls Pillow."""
-    monkeypatch.setattr(dataset_module, "pillow", lambda: pytest.fail("Pillow was needed"))
+    monkeypatch.setattr(decode_module, "pillow", lambda: pytest.fail("Pillow was needed"))
+    for module in ("dataset", "geometry"):  # each module that may reach for Pillow
+        monkeypatch.setattr(f"edgetune.runtime.{module}.pillow", lambda: pytest.fail("Pillow was needed"))
     ds = load_dataset(fashion_dir, LITE0, num_classes=10)
     batch = ds.test.images([0, 1])
     pixels = np.asarray(Image.open(ds.test.paths[1]), np.float32).transpose(2, 0, 1)

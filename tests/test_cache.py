@@ -118,7 +118,7 @@ def test_session_reuses_a_disk_cache_and_never_a_stale_one(tiny_tod, tmp_path, m
     first.feature_cache.flush()
 
     again = TrainSession.create(tiny_tod(seed=0), ctx)  # same frozen graph: no backbone run at all
-    monkeypatch.setattr(again, "_run_frozen", lambda data: pytest.fail("cache miss"))
+    monkeypatch.setattr(again.frozen, "run", lambda data: pytest.fail("cache miss"))
     np.testing.assert_array_equal(again.extract_features(x, keys=list("abcde")), feats)
 
     other = TrainSession.create(tiny_tod(seed=1), ctx)  # different frozen weights, same sample keys
@@ -133,5 +133,27 @@ def test_cache_off_stores_nothing(tiny_tod) -> None:
     sess = TrainSession.create(tiny_tod(), Context(cache=False))
     x = np.ones((3, 3, 8, 8), np.float32)
     a = sess.extract_features(x)
-    assert sess._cache is None
+    assert sess.frozen._cache is None
     np.testing.assert_array_equal(a, TrainSession.create(tiny_tod()).extract_features(x))
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(5, "Input/output error")])
+def test_unreadable_segments_are_reported_as_what_they_are(tmp_path, capsys, monkeypatch, error: OSError) -> None:
+    """No permission or an I/O error is not a damaged segment: the warning says what happened (this
+    runs as root, which reads any file, so `open` is made to fail the way the kernel would)."""
+    from edgetune.runtime import safe_read
+
+    FeatureCache("ns", tmp_path, segment_rows=2).put_many(["a", "b"], rows(2))
+    base = _segment(tmp_path)
+    real_open = os.open
+
+    def failing_open(path, *args, **kwargs):  # every cache file is opened through safe_read's os.open
+        if str(path).endswith(".f32"):
+            raise error
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safe_read.os, "open", failing_open)
+    cache = FeatureCache("ns", tmp_path, width=5)
+    assert cache.get_many(["a", "b"]) == [None, None] and cache.rejected == [base]
+    err = capsys.readouterr().err
+    assert f"cannot read segment {base}.json ({error.strerror})" in err and "damaged" not in err

@@ -1,4 +1,5 @@
-"""Callbacks: the seed's output lines, checkpoints, learning-rate schedules against torch, JSONL log."""
+"""Callbacks: the seed's output lines, observers that never steer, schedules against torch, JSONL log;
+the trainer's checkpoints and the hooks it calls, in order."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from edgetune.errors import UserError
-from edgetune.runtime import (AccuracyMonitor, CheckpointSaver, Context, CosineLR, JsonlLogger, LinearLR, LossMonitor,
-                              StepLR, Trainer, TrainSession)
+from edgetune.runtime import (AccuracyMonitor, Callback, Context, CosineLR, JsonlLogger, LinearLR, LossMonitor, StepLR,
+                              Trainer, TrainSession)
 from tests.fixtures_runtime import tiny_model
 
 
@@ -20,7 +21,7 @@ from tests.fixtures_runtime import tiny_model
                                         (1234567.0, "1.23457e+06"), (0.1290921, "0.129092")])
 def test_loss_monitor_formats_like_cpp_iostream(loss: float, text: str) -> None:
     out = io.StringIO()
-    LossMonitor(out).on_step_end(None, 7, float(np.float32(loss)))
+    LossMonitor(out).on_step(None, 7, float(np.float32(loss)))
     assert out.getvalue() == f"7: Loss is {text} [min={text}]\n"
 
 
@@ -29,10 +30,10 @@ def test_seed_output_line_for_line(tiny_tod, tiny_split) -> None:
     out = io.StringIO()
     sess = TrainSession.create(tiny_tod())
     test = tiny_split(9, seed=2, name="test")
-    trainer = Trainer(sess, tiny_split(20), test, test_every=0, target_accuracy=None,
-                      callbacks=[LossMonitor(out), AccuracyMonitor(every=3, target=None, stream=out)])
+    trainer = Trainer(sess, tiny_split(20), test, test_every=3, target_accuracy=None,
+                      callbacks=[LossMonitor(out), AccuracyMonitor(stream=out)])
     losses = []
-    trainer.callbacks.append(type("Rec", (LossMonitor,), {"on_step_end": lambda s, t, i, l: losses.append(l)})())
+    trainer.callbacks.append(type("Rec", (Callback,), {"on_step": lambda s, sess, i, l: losses.append(l)})())
     trainer.fit(7)
     accs = [float(l.split()[5]) for l in out.getvalue().splitlines() if l.startswith("accuracy")]
     expected, low, best = [], math.inf, 0.0
@@ -47,32 +48,63 @@ def test_seed_output_line_for_line(tiny_tod, tiny_split) -> None:
     assert accs[-1] == pytest.approx(trainer.accuracy(test), abs=1e-6)
 
 
-def test_accuracy_monitor_stops_above_target(tiny_tod, tiny_split) -> None:
-    out = io.StringIO()
-    sess = TrainSession.create(tiny_tod())
-    trainer = Trainer(sess, tiny_split(20), tiny_split(9, name="test"), test_every=0,
-                      callbacks=[AccuracyMonitor(every=2, target=-0.5, stream=out)]).fit(10)
-    assert sess.step == 2 and trainer.stop and out.getvalue().startswith("accuracy on test data = ")
+class Hooks(Callback):
+    """Records every hook call as (hook, step, detail)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_train_begin(self, session) -> None:
+        self.calls.append(("begin", session.step))
+
+    def on_step(self, session, step: int, loss: float) -> None:
+        self.calls.append(("step", step))
+
+    def on_evaluate(self, session, split: str, accuracy: float) -> None:
+        self.calls.append(("evaluate", session.step, split))
+
+    def on_save(self, session, path: str) -> None:
+        self.calls.append(("save", session.step, path))
+
+    def on_train_end(self, session) -> None:
+        self.calls.append(("end", session.step))
 
 
-def test_checkpoint_saver_default_names(tiny_tod, tiny_split) -> None:
+def test_trainer_owns_evaluation_saving_and_stopping(tiny_tod, tiny_split) -> None:
+    """Per step: the step, its evaluation when due, its checkpoint when due (holding that evaluation),
+    then the stop; callbacks are told, in that order, and an AccuracyMonitor only prints."""
+    path = tiny_tod()
+    out, hooks = io.StringIO(), Hooks()
+    sess = TrainSession.create(path)
+    trainer = Trainer(sess, tiny_split(20), tiny_split(9, name="test"), test_every=2, target_accuracy=-0.5,
+                      save_every=2, callbacks=[hooks, AccuracyMonitor(stream=out)]).fit(10)
+    ckpt = path[: -len(".tod")] + "_trained_2.tod"
+    assert hooks.calls == [("begin", 0), ("step", 1), ("step", 2), ("evaluate", 2, "test"), ("save", 2, ckpt),
+                           ("end", 2)]
+    assert sess.step == 2 and trainer.stop and trainer.saved == [ckpt]
+    assert out.getvalue().startswith("accuracy on test data = ")
+    assert TrainSession.create(ckpt).record["best_test_accuracy"] == sess.record["best_test_accuracy"]
+    with pytest.raises(TypeError):
+        AccuracyMonitor(every=2)  # no cadence or target of its own: the trainer owns them
+
+
+def test_checkpoint_default_names(tiny_tod, tiny_split) -> None:
     path = tiny_tod()
     sess = TrainSession.create(path)
-    saver = CheckpointSaver(2)
-    Trainer(sess, tiny_split(20), callbacks=[saver]).fit(5)
+    trainer = Trainer(sess, tiny_split(20), save_every=2).fit(5)
     stem = path[: -len(".tod")]
-    assert saver.saved == [f"{stem}_trained_2.tod", f"{stem}_trained_4.tod"]
-    assert TrainSession.create(saver.saved[1]).step == 4
+    assert trainer.saved == [f"{stem}_trained_2.tod", f"{stem}_trained_4.tod"]
+    assert TrainSession.create(trainer.saved[1]).step == 4
 
 
-def test_checkpoint_saver_never_names_files_from_meta(tiny_split) -> None:
+def test_checkpoints_are_never_named_from_meta(tiny_split) -> None:
     """A session built in memory has no file to name checkpoints after; meta["name"] is text from
     inside the model (here a path escape) and must not become a path: refused before any step."""
     tod = tiny_model()
     tod.meta["name"] = "../../escaped"
     sess = TrainSession(tod, Context())
-    with pytest.raises(UserError, match="needs a pattern"):
-        Trainer(sess, tiny_split(20), callbacks=[CheckpointSaver(1)]).fit(2)
+    with pytest.raises(UserError, match="need a checkpoint_pattern"):
+        Trainer(sess, tiny_split(20), save_every=1).fit(2)
     assert sess.step == 0
 
 

@@ -17,7 +17,9 @@ from PIL import Image
 
 from edgetune.errors import UserError
 from edgetune.runtime import dataset as dataset_module
-from edgetune.runtime.dataset import load_dataset, preprocess, read_class_file, resize_shorter
+from edgetune.runtime.dataset import load_dataset, preprocess, read_class_file
+from edgetune.runtime.decode import BadImage, open_image
+from edgetune.runtime.geometry import shorter_side_size
 from tests.fixtures_data import random_image
 
 LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": "NCHW", "channels": "RGB",
@@ -93,7 +95,7 @@ def test_preprocessing_matches_a_hand_computation(tmp_path: Path) -> None:
     np.testing.assert_allclose(out, (pixels[18:242, 38:262].transpose(2, 0, 1) - 127.0) / 128.0, atol=1e-6)
     # resize_shorter 256 of a 512x384 image: 341x256 (torchvision's int()), then a crop; a flat colour stays flat
     img = Image.new("RGB", (512, 384), (200, 10, 127))
-    assert resize_shorter(img, 256).size == (341, 256)
+    assert shorter_side_size(img.size, 256) == (341, 256)
     out = preprocess(img, LITE0)
     assert out.shape == (3, 224, 224)
     for c, value in enumerate((73 / 128, -117 / 128, 0.0)):
@@ -109,9 +111,12 @@ def test_only_the_crop_window_is_resized(size: tuple[int, int], pre: dict) -> No
     rng = np.random.default_rng(sum(size))
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     height, width = pre["size"]
-    full = img if pre["resize_shorter"] is None else resize_shorter(img, pre["resize_shorter"])
+    def resize_shorter(shorter: int) -> Image.Image:  # the whole image, as torchvision's Resize
+        return img.resize(shorter_side_size(img.size, shorter), Image.BILINEAR)
+
+    full = img if pre["resize_shorter"] is None else resize_shorter(pre["resize_shorter"])
     if min(full.size[0] - width, full.size[1] - height) < 0:
-        full = resize_shorter(img, max(height, width))
+        full = resize_shorter(max(height, width))
     left, top = round((full.size[0] - width) / 2), round((full.size[1] - height) / 2)
     reference = np.asarray(full.crop((left, top, left + width, top + height)), np.float32).transpose(2, 0, 1)
     out = preprocess(img, {**pre, "mean": [0.0] * 3, "std": [1.0] * 3})
@@ -128,7 +133,7 @@ def test_16_bit_grey_is_scaled_to_8_bits(mode: str) -> None:
         Image.fromarray(values).save(out, "PNG")
     else:  # 32-bit grey, as Pillow also opens some 16-bit files
         Image.fromarray(values.astype(np.int32)).save(out, "TIFF")
-    img = dataset_module.open_image(out.getvalue())
+    img = open_image(out.getvalue())
     assert img.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(img), np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2))
 
@@ -159,8 +164,8 @@ def png_claiming(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("width,height", [(9000, 8000), (10000, 10000), (20000, 20000)],
                          ids=["over-our-limit", "pillow-warning", "pillow-error"])
 def test_decompression_bombs_are_refused(width: int, height: int) -> None:
-    with pytest.raises(dataset_module.BadImage, match="decompression bomb"):
-        dataset_module.open_image(png_claiming(width, height))
+    with pytest.raises(BadImage, match="decompression bomb"):
+        open_image(png_claiming(width, height))
 
 
 def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -182,7 +187,7 @@ def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, cap
                             "truncated.jpg"}
     assert reasons["empty.bmp"] == "empty file" and reasons["notes.txt"] == "not an image"
     assert "decompression bomb" in reasons["bomb.png"] and "truncated" in reasons["truncated.bmp"]
-    assert reasons["dir.bmp"] == reasons["loop.bmp"] == "not a regular file"
+    assert reasons["dir.bmp"] == "a directory, not a file" and reasons["loop.bmp"] == "broken or looping symlink"
     assert len(ds.train) + len(ds.test) + len(ds.validation) == 10
     err = capsys.readouterr().err
     assert err.count("warning: skipped ") == 8 and "skipped 7 of 17 files" in err
@@ -190,14 +195,14 @@ def test_bad_files_are_skipped_with_warnings_and_one_summary(tmp_path: Path, cap
 
 def test_unreadable_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_dataset(tmp_path / "ds", [("0", "x")], per_class=3)
-    real = Path.read_bytes
+    real = os.open
 
-    def read_bytes(self: Path) -> bytes:  # chmod 0 does not stop root, so refuse the read here
-        if self.name == "img_001.bmp":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def refusing_open(path, flags, *args):  # chmod 0 does not stop root, so refuse the open here
+        if os.fspath(path).endswith("img_001.bmp"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path, flags, *args)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", refusing_open)
     ds = load_dataset(root, small_pre())
     assert [(Path(p).name, r) for p, r in ds.skipped] == [("img_001.bmp", "unreadable (Permission denied)")]
 
@@ -255,7 +260,7 @@ def test_damaged_files_give_an_image_or_bad_image_never_another_error(fmt: str, 
         data[at % len(data)] ^= xor
     data = data[: len(data) - cut] if cut < len(data) else data
     try:
-        img = dataset_module.open_image(bytes(data))
-    except dataset_module.BadImage:
+        img = open_image(bytes(data))
+    except BadImage:
         return
     assert img.mode == "RGB"

@@ -32,8 +32,9 @@ args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps(["ssh", *args]) + "\\n")
 i = 0
-while args[i].startswith("-"):  # -o X, -F X, -p X: every option edgetune passes takes a value
+while args[i] != "--" and args[i].startswith("-"):  # -o X, -F X, -p X: every option edgetune passes takes a value
     i += 2
+i += args[i] == "--"  # ssh's end of options: what follows is the host, even if it starts with '-'
 host, command = args[i], " ".join(args[i + 1:])  # what ssh sends: the words joined by spaces
 sys.exit(subprocess.run(["bash", "-c", command], cwd=os.environ["FAKE_REMOTE_HOME"]).returncode)
 """
@@ -49,8 +50,8 @@ if args[0] == "get-state":
     print("device")
 elif args[0] == "shell":  # adb joins the words with spaces; the device's sh parses the string
     sys.exit(subprocess.run(["bash", "-c", " ".join(args[1:])], cwd=os.environ["FAKE_REMOTE_HOME"]).returncode)
-elif args[0] == "push":  # no shell: the remote path travels in the adb protocol
-    src, dest = args[1], args[2]
+elif args[0] == "push":  # no shell: the remote path travels in the adb protocol; `--` ends adb's options
+    src, dest = [a for a in args[1:] if a != "--"]
     shutil.copytree(src, os.path.join(dest, os.path.basename(src.rstrip("/"))))
 """
 
@@ -204,3 +205,105 @@ def test_package_run_writes_only_inside_the_package(tmp_path: Path) -> None:
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
     assert changed == [], f"written outside {pkg.root}: {changed}"
     assert (out / "model" / "m_trained.tod").is_file() and (out / "model" / "m_trained_20.tod").is_file()
+
+
+# --- issue 16: `--` before every path, and the remote side checks what it replaces as the local side ---
+
+GUARD_STATES = ("missing", "empty folder", "marker", "three scripts", "two scripts", "foreign files", "a file",
+                "a link to a package", "a broken link", "marker, name starting with -")
+
+
+def _make_state(where: Path, state: str) -> Path:
+    path = where / ("-rf pkg" if state.endswith("with -") else "pkg")
+    if state == "missing":
+        return path
+    if state in ("a link to a package", "a broken link"):
+        target = where / "real"
+        if state == "a link to a package":
+            target.mkdir()
+            (target / package.MARKER).touch()
+        path.symlink_to(target)
+        return path
+    if state == "a file":
+        path.write_text("precious")
+        return path
+    path.mkdir()
+    names = {"marker": [package.MARKER], "three scripts": list(package.SCRIPTS), "two scripts": list(package.SCRIPTS[:2]),
+             "foreign files": ["precious.txt"]}
+    for name in names.get(state.split(",")[0], []):
+        (path / name).write_text("x")
+    return path
+
+
+@pytest.mark.parametrize("state", GUARD_STATES)
+def test_remote_guard_decides_exactly_as_clean_package_dir(state: str, tmp_path: Path) -> None:
+    """The same folder states on both sides: the remote shell replaces what the local side would empty,
+    refuses what it refuses, with the same message; a name starting with `-` is a name."""
+    from edgetune.errors import UserError
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "remote").mkdir()
+    local, remote = _make_state(tmp_path / "local", state), _make_state(tmp_path / "remote", state)
+    try:
+        package.clean_package_dir(local)
+        local_verdict, local_message = "replaced", ""
+    except UserError as e:
+        local_verdict, local_message = "refused", str(e)
+    done = subprocess.run(["sh", "-c", transport.replace_guard(remote.name)], cwd=remote.parent,
+                          capture_output=True, text=True)
+    remote_verdict = {0: "replaced", transport.REFUSED: "refused"}[done.returncode]
+    assert remote_verdict == local_verdict
+    if remote_verdict == "refused":
+        assert done.stderr.strip() == local_message.replace(os.fspath(local), remote.name)
+        assert os.path.lexists(remote)
+    else:
+        assert not os.path.lexists(remote)
+
+
+@pytest.mark.parametrize("via", ["ssh", "adb"])
+def test_push_never_replaces_a_foreign_remote_folder(via: str, fakes: dict[str, Path]) -> None:
+    from edgetune.errors import UserError
+
+    root, remote = fakes["root"], fakes["remote"]
+    pkg = _package(root / "src")
+    target_dir = remote / "dest"
+    (target_dir / pkg.name).mkdir(parents=True)
+    (target_dir / pkg.name / "precious.txt").write_text("keep")
+    where = transport.Ssh("edgetune-test", os.fspath(target_dir)) if via == "ssh" else transport.Adb(os.fspath(target_dir))
+    with pytest.raises(UserError, match="exists and is not a package folder: refusing to replace it"):
+        where.push(pkg)
+    assert (target_dir / pkg.name / "precious.txt").read_text() == "keep"
+    assert sorted(os.listdir(target_dir / pkg.name)) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("via", ["ssh", "adb"])
+def test_names_starting_with_a_dash_are_names(via: str, fakes: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package folder `-rf pkg` and a remote folder `--help dir`: tar, ssh and adb get `--` before each
+    path (a fake tar logs its argv and runs the real one), and the package lands where it should."""
+    import shutil
+
+    root, remote = fakes["root"], fakes["remote"]
+    real_tar = shutil.which("tar")
+    (root / "bin" / "tar").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "$FAKE_LOG.tar"\nexec {real_tar} "$@"\n')
+    (root / "bin" / "tar").chmod(0o755)
+    pkg = root / "src" / "-rf pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "sub" / "data.txt").write_text("payload\n")
+    (pkg / "hello.sh").write_text('pwd > "$FAKE_LOG.pwd"\n')
+    monkeypatch.chdir(root / "src")
+    target_dir = remote / "--help dir"
+    target_dir.mkdir()
+    where = transport.Ssh("edgetune-test", os.fspath(target_dir)) if via == "ssh" else transport.Adb(os.fspath(target_dir))
+    where.push(Path("-rf pkg"))
+    assert (target_dir / "-rf pkg" / "sub" / "data.txt").read_text() == "payload\n"
+    assert where.run("hello.sh") == 0
+    assert Path(f"{fakes['log']}.pwd").read_text().strip() == os.fspath(target_dir / "-rf pkg")
+    argvs = _argv(fakes["log"])
+    if via == "ssh":
+        create = [line for line in Path(f"{fakes['log']}.tar").read_text().splitlines() if " -cf - " in line]
+        assert len(create) == 1 and create[0].endswith(" -cf - -- -rf pkg")  # the local tar; the remote one reads stdin
+        assert all(a[a.index("edgetune-test") - 1] == "--" for a in argvs)
+    else:
+        push = next(a for a in argvs if "push" in a)
+        assert push[push.index("push") + 1] == "--"
+    assert _pwned(root) == []

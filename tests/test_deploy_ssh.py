@@ -52,7 +52,7 @@ def test_check_onnxruntime_rejects_old_or_missing(tmp_path: Path, names: list[st
 def test_device_requirements_have_no_torch() -> None:
     reqs = bundle.device_requirements()
     names = {re.split(r"[<>=!\[ ]", r)[0].lower() for r in reqs}
-    assert names == {"numpy", "onnxruntime"}
+    assert names == {"numpy", "onnxruntime", "tqdm"}  # tqdm: pure Python progress bars
 
 
 def test_edgetune_wheel_holds_the_runtime_and_leaves_the_checkout_alone(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_scripts_are_valid_sh_and_call_net_runner_like_the_seed(tmp_path: Path) 
         (tmp_path / name).write_text(text)
         assert subprocess.run(["sh", "-n", tmp_path / name]).returncode == 0, name
         assert "pip install -q --no-index --find-links wheels 'edgetune[device]'" in text
-    run = "exec .venv/bin/python -m edgetune.cli.net_runner"
+    run = 'exec "${EDGETUNE_PYTHON:-.venv/bin/python}" -m edgetune.cli.net_runner'
     last = {name: text.strip().splitlines()[-1] for name, text in texts.items()}
     assert last["eval_untrained.sh"] == f"{run} -f model/m.tod -c 0 -d dataset --cache-dir cache"
     assert last["train.sh"].startswith(f"{run} -f model/m.tod -c 5 --lr 0.01 -d dataset")
@@ -195,7 +195,7 @@ def test_adb_commands_quote_the_remote_folder(tmp_path: Path, capfd, monkeypatch
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "adb").write_text('#!/bin/sh\ncase "$1" in\n  get-state) echo device ;;\n'
-                                 '  push) cp -r "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
+                                 '  push) [ "$2" = -- ] && shift; cp -r -- "$2" "$3" ;;\n  shell) shift; exec sh -c "$*" ;;\nesac\n')
     (bin_dir / "adb").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     pkg = tmp_path / "package-arm64"

@@ -25,7 +25,9 @@ from edgetune.errors import UserError
 from edgetune.host import TransferNet, create_backbone, default_head, export
 from edgetune.host.trainable import RECIPES, select
 from edgetune.runtime.ops import OPS
-from edgetune.runtime.ort import ort
+from edgetune.runtime.ort import onnxruntime
+
+ort = onnxruntime()
 
 STRUCTURE = {"Gemm", "MatMul", "Relu", "Flatten", "Reshape", "Dropout", "Identity"}
 PRE = {"scale": 1.0, "mean": [0.0] * 3, "std": [1.0] * 3}
@@ -89,7 +91,8 @@ def test_optimizer_options_override_the_recipe_one_by_one():
     recipe = Adam(lr=1e-3, betas=(0.9, 0.999))
     assert optimizer_from(_args(), recipe) == recipe
     assert optimizer_from(_args(lr=0.01), recipe) == Adam(lr=0.01)
-    assert optimizer_from(_args(momentum=0.5), recipe) == recipe  # an SGD option does not apply to Adam
+    with pytest.raises(UserError, match="--momentum is not a setting of adam"):
+        optimizer_from(_args(momentum=0.5), recipe)  # an SGD option on Adam is a mistake, not ignored
     assert optimizer_from(_args(optimizer="sgd", lr=0.1), recipe) == SGD(lr=0.1)
     assert optimizer_from(_args()) == SGD()  # convert --backbone-onnx: the seed's SGD as before
     assert optimizer_from(_args(optimizer="adam", betas=[0.8, 0.9])) == Adam(betas=(0.8, 0.9))

@@ -3,6 +3,7 @@ early stop, checkpoints, `-c 0`, resume, the log and plot, and one-line user err
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -198,7 +199,48 @@ def test_user_errors_are_one_line_exit_2(tmp_path, model, mini_fashion_dir) -> N
     tiny = _dataset(tmp_path / "tiny", mini_fashion_dir, 10, 1)  # one image per class: validation only
     assert "split is empty" in _user_error(tmp_path, "-f", os.fspath(model), "-d", os.fspath(tiny), "-c", "5")
     assert "--cycles must be >= 0" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "-1")
+    assert "--weight-decay must be a finite number >= 0" in _user_error(
+        tmp_path, "-f", os.fspath(model), "-d", data, "--weight-decay", "-0.1")
+    assert "--warmup" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "5", "--warmup", "5")
+    assert "--auto-budget must be a finite number of seconds > 0" in _user_error(
+        tmp_path, "-f", os.fspath(model), "-d", data, "--auto", "--auto-budget", "0")
+    assert "--auto-budget goes with --auto" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data,
+                                                           "--auto-budget", "5")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tod") == ["broken.tod", model.name]
+
+
+def test_keep_best_schedule_and_decay_from_the_command_line(capsys, model, mini_fashion_dir, feature_cache,
+                                                           tmp_path) -> None:
+    """--keep-best says which step it kept; the saved model is that step's (its record and step count)."""
+    from edgetune.runtime import TrainSession
+
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "-c", "60", "--lr", "0.05", "--target-accuracy",
+                "1.01", "--schedule", "cosine", "--warmup", "5", "--weight-decay", "0.01", "--keep-best",
+                "--log", os.fspath(tmp_path / "log.jsonl"))
+    tests = [(i, float(TEST.match(x).group(1))) for i, x in enumerate(lines) if TEST.match(x)]
+    kept = [x for x in lines if x.startswith("kept the weights of step")]
+    trained = TrainSession.create(model.with_name(model.stem + "_trained.tod"))
+    assert trained.weight_decay == 0.01 and len(tests) == 3
+    best = max(a for _, a in tests)
+    if kept:
+        step = int(kept[0].split()[5])
+        assert trained.step == step < 60 and f"(best test accuracy {best:g})" in kept[0]
+    else:
+        assert trained.step == 60 and tests[-1][1] == best
+
+
+def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, mini_fashion_dir, feature_cache,
+                                                              tmp_path) -> None:
+    """--auto: the search table, then the seed's lines for the chosen step count; deterministic per seed."""
+    log = tmp_path / "auto.jsonl"
+    lines = run(capsys, model, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q", "--log", os.fspath(log))
+    choice = [x for x in lines if x.startswith("auto: chose lr")]
+    assert len(choice) == 1 and VALIDATION.match(lines[-1])
+    events = [json.loads(x)["event"] for x in log.read_text().splitlines()]
+    assert "auto_choice" in events and events.count("auto_trial") >= 2
+    again = run(capsys, model, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q")
+    strip = re.compile(r" +\d+\.\d(?=  [a-z])|in \d+\.\d s")  # seconds differ between runs, nothing else may
+    assert [strip.sub("", x) for x in again] == [strip.sub("", x) for x in lines]
 
 
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:

@@ -214,8 +214,10 @@ def test_image_folder_skips_and_counts_what_is_not_a_file(tmp_path: Path) -> Non
     reasons = {Path(s).name: r for s, r in report.skipped}
     assert sorted(reasons) == ["all", "dogs", "fifo.jpg", "gone.jpg", "zero.jpg"]
     assert reasons["gone.jpg"] == "broken or looping symlink"
-    assert reasons["fifo.jpg"].startswith("not a regular file") and reasons["zero.jpg"].startswith("not a regular file")
-    assert "outside the class folder" in reasons["dogs"] and "outside the class folder" in reasons["all"]
+    assert reasons["fifo.jpg"] == "not a regular file (a FIFO)"
+    assert reasons["zero.jpg"] == f"a link to /dev/zero, outside {src / 'cat'}: not followed"
+    assert reasons["dogs"] == f"a link to {src / 'dog'}, outside {src / 'cat'}: not followed"
+    assert reasons["all"] == f"a link to {src}, outside {src / 'cat'}: not followed"
 
 
 def test_fashion_mnist_prepared_from_the_idx_files(fashion_dir: Path) -> None:

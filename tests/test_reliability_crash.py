@@ -260,7 +260,6 @@ def test_update_that_overflows_is_not_applied(tiny_split, tmp_path: Path) -> Non
     """Finite loss and gradients whose update overflows a weight to inf: that step must be refused
     like a NaN loss, so no checkpoint ever holds a non-finite weight."""
     from edgetune.runtime import TrainingDiverged, TrainSession
-    from edgetune.runtime.callbacks import CheckpointSaver
     from edgetune.runtime.trainer import Trainer
 
     tod = tiny_model(head="dense")
@@ -268,7 +267,7 @@ def test_update_that_overflows_is_not_applied(tiny_split, tmp_path: Path) -> Non
     path = tod_format.save_file(tod, tmp_path / "m.tod")
     sess = TrainSession.create(path)
     sess.learning_rate = 1e38
-    trainer = Trainer(sess, tiny_split(20), None, callbacks=[CheckpointSaver(1)], target_accuracy=None)
+    trainer = Trainer(sess, tiny_split(20), None, save_every=1, target_accuracy=None)
     with np.errstate(all="ignore"), pytest.raises(TrainingDiverged):
         trainer.fit(5)
     for ckpt in sorted(tmp_path.glob("m_trained_*.tod")):

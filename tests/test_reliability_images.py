@@ -156,7 +156,8 @@ ASPECT_BOMB = textwrap.dedent("""
     with open("/proc/self/status") as s:
         vm = next(int(l.split()[1]) * 1024 for l in s if l.startswith("VmSize:"))
     resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, vm + 2**30))
-    from edgetune.runtime.dataset import BadImage, open_image, preprocess
+    from edgetune.runtime.dataset import preprocess
+    from edgetune.runtime.decode import BadImage, open_image
     from edgetune.data.prepare import crop_image
     path, way = sys.argv[1], sys.argv[2]
     try:

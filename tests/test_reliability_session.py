@@ -99,9 +99,9 @@ INVALID: dict[str, Mutation] = {
     "dropout_rng_state garbled": put([1, 2], "training", "dropout_rng_state"),
     "training record a list": put([], "training"),
 }
-# Checking these needs the frozen graph loaded in onnxruntime, which the session does lazily (a run
-# whose features are all in the disk cache never loads it): refused at create or at the first
-# feature extraction, with the same error types.
+# Checking these needs the frozen graph loaded in onnxruntime, which the session does when it is
+# created: refused at create (the test also allows the first feature extraction, which is later still
+# before any step), with the same error types.
 FROZEN: dict[str, Mutation] = {
     "input shape not the graph's": put([4, 3, 9, 9], "input", "shape"),
     "frozen blob not ONNX": blob(b"\x08\x07garbage" * 10),

@@ -171,11 +171,11 @@ def test_damaged_or_incomplete_models_raise_tod_errors(tiny_tod, tmp_path) -> No
     (lambda t: t.meta.update(num_classes=4), "num_classes=4"),
     (lambda t: t.meta["frozen"].update(features=9), "9 frozen features"),
     (lambda t: t.meta["frozen"].update(output="feats"), "no input 'data' / output 'feats'"),
-    (lambda t: t.blobs.update({"frozen.onnx": b"not onnx"}), "onnxruntime cannot load the frozen graph"),
+    (lambda t: t.blobs.update({"frozen.onnx": b"not onnx"}), "not a valid ONNX model"),
     (lambda t: t.meta["optimizer"].update(name="lamb"), "unknown optimizer 'lamb'"),
     # consistent meta (preprocessing, input) but the graph's fixed image dims say 8x8
     (lambda t: (t.meta["input"].update(shape=[4, 3, 9, 9]), t.meta["preprocessing"].update(size=[9, 9])),
-     r"graph takes \['N', 3, 8, 8\], the meta's input shape is \[4, 3, 9, 9\]"),
+     r"graph takes \['N', 3, 8, 8\] \(element type 1\), the meta's images are float32 \[N, 3, 9, 9\]"),
     # a checkpoint (steps taken) without its momentum: zeros would silently change the next steps
     (lambda t: (t.meta.update(optimizer_step=5), t.tensors.pop("optim/head.bias/momentum_buffer")),
      "took 5 optimizer steps but has no optimizer state optim/head.bias/momentum_buffer"),
@@ -206,7 +206,7 @@ def test_update_overflow_is_undone(tiny_tod) -> None:
     sess = TrainSession.create(tiny_tod(head="dense"))
     sess.run_graph(*batch(seed=0))
     before = {n: p.data.copy() for n, p in sess.params.items()}
-    slots = {k: v.copy() for k, v in sess._optimizer.state_tensors().items()}
+    slots = {k: v.copy() for k, v in sess.optimizer.state_tensors().items()}
     sess.params["head.bias"].data[:] = 3.3e38  # equal biases: softmax ignores them, the loss stays finite
     before["head.bias"] = sess.params["head.bias"].data.copy()
     sess.learning_rate = 1e38
@@ -215,14 +215,16 @@ def test_update_overflow_is_undone(tiny_tod) -> None:
     assert sess.step == 1 and sess.record["steps"] == 1
     for name, param in sess.params.items():
         assert np.array_equal(param.data, before[name]), name
-    for key, value in sess._optimizer.state_tensors().items():
+    for key, value in sess.optimizer.state_tensors().items():
         assert np.array_equal(value, slots[key]), key
 
 
-@pytest.mark.parametrize("module", ["edgetune.runtime", "edgetune.convert.frozen"])
-def test_onnxruntime_telemetry_is_off(module: str) -> None:
+@pytest.mark.parametrize("statement", ["import edgetune.runtime.frozen as f; f._inference_session(b'', 1)",
+                                       "import edgetune.convert.frozen"])
+def test_onnxruntime_telemetry_is_off(statement: str) -> None:
     """ORT_DISABLE_TELEMETRY=1 is in the environment at the moment onnxruntime is first imported
-    (an import hook records it), which is when onnxruntime reads it: on the device and the host."""
+    (an import hook records it), which is when onnxruntime reads it: on the device (when the frozen
+    graph is loaded; the load of these empty bytes then fails) and on the host."""
     script = textwrap.dedent(f"""
         import os, sys
         class Spy:
@@ -230,7 +232,10 @@ def test_onnxruntime_telemetry_is_off(module: str) -> None:
                 if name == "onnxruntime":
                     print(os.environ.get("ORT_DISABLE_TELEMETRY"))
         sys.meta_path.insert(0, Spy())
-        import {module}
+        try:
+            {statement}
+        except ValueError:
+            pass
     """)
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
@@ -274,7 +279,7 @@ def test_runtime_never_imports_torch_or_onnx() -> None:
 def test_threads_come_from_the_context(tiny_tod) -> None:
     sess = TrainSession.create(tiny_tod(), Context(threads=2, cache=False))
     sess.extract_features(batch()[0])
-    opts = sess._ort.get_session_options()
+    opts = sess.frozen.session.get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
     with pytest.raises(UserError, match="threads"):
         Context(threads=0)
@@ -322,3 +327,18 @@ def test_parameters_round_trip_and_bad_values_change_nothing(tiny_tod) -> None:
     with pytest.raises(UserError, match="missing"):
         session.load_parameters({n: v for n, v in doubled.items() if n != "head.0.bias"})
     assert all(np.array_equal(session.parameters()[n], doubled[n]) for n in before)
+
+
+@pytest.mark.parametrize("bug", [KeyError("frozen"), TypeError("unsupported operand")])
+def test_our_own_bugs_are_not_reported_as_a_bad_model(tiny_tod, monkeypatch, bug: Exception) -> None:
+    """Only what the checks raise for a file they refuse becomes "not a usable model"; a KeyError or
+    TypeError from the loading code itself is a bug and must surface as itself, traceback and all."""
+    import edgetune.runtime.session as session_module
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(session_module, "head_graph", broken)
+    with pytest.raises(type(bug)) as info:
+        TrainSession.create(tiny_tod())
+    assert info.value is bug and not isinstance(info.value, tod_format.TodError)

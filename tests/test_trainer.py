@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgetune.errors import UserError
-from edgetune.runtime import (CheckpointSaver, Context, CosineLR, Trainer, TrainingDiverged, TrainSession)
+from edgetune.runtime import Callback, Context, CosineLR, Trainer, TrainingDiverged, TrainSession
 from edgetune.runtime import format as tod_format
 
 
@@ -50,10 +50,10 @@ def test_resume_from_checkpoint_is_bit_identical(tiny_tod, tiny_split, tmp_path,
     Trainer(full, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)]).fit(11)
 
     part = TrainSession.create(path)
-    saver = CheckpointSaver(4, tmp_path / "ckpt_{step}.tod")
-    Trainer(part, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[saver, CosineLR(11)]).fit(5)
-    assert saver.saved == [str(tmp_path / "ckpt_4.tod")]
-    resumed = TrainSession.create(saver.saved[0], Context(cache=False))
+    saving = Trainer(part, train, test, seed=5, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)],
+                     save_every=4, checkpoint_pattern=tmp_path / "ckpt_{step}.tod").fit(5)
+    assert saving.saved == [str(tmp_path / "ckpt_4.tod")]
+    resumed = TrainSession.create(saving.saved[0], Context(cache=False))
     Trainer(resumed, train, test, seed=999, test_every=3, target_accuracy=None, callbacks=[CosineLR(11)]).fit(7)
 
     assert resumed.step == full.step == 11
@@ -85,15 +85,11 @@ def test_cache_gives_the_same_losses_and_decodes_each_image_once(tiny_tod, tiny_
     assert losses[True] == losses[False]
 
 
-class _LossRecorder:
+class _LossRecorder(Callback):
     def __init__(self, out: list[float]) -> None:
         self.out = out
 
-    def on_train_begin(self, trainer) -> None: ...
-    def on_evaluate(self, trainer, split_name, accuracy) -> None: ...
-    def on_train_end(self, trainer) -> None: ...
-
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         self.out.append(loss)
 
 
@@ -145,14 +141,15 @@ def test_features_stream_in_batches(tiny_tod, tiny_split) -> None:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_divergence_raises_and_saves_no_bad_weights(tiny_tod, tiny_split, tmp_path) -> None:
-    path = tiny_tod(head="mlp", optimizer={"name": "sgd", "lr": 1e20})
+    path = tiny_tod(head="mlp", optimizer={"name": "sgd", "lr": 1e20, "momentum": 0.0, "dampening": 0.0,
+                                          "weight_decay": 0.0, "nesterov": False})
     sess = TrainSession.create(path)
-    saver = CheckpointSaver(1, tmp_path / "c_{step}.tod")
+    trainer = Trainer(sess, tiny_split(40), save_every=1, checkpoint_pattern=tmp_path / "c_{step}.tod")
     with pytest.raises(TrainingDiverged, match=r"training diverged at step (\d+): .*lower --lr") as info:
-        Trainer(sess, tiny_split(40), callbacks=[saver]).fit(20)
+        trainer.fit(20)
     bad_step = int(re.search(r"step (\d+)", str(info.value)).group(1))
-    assert sess.step == bad_step - 1 == len(saver.saved)
-    for p in saver.saved:
+    assert sess.step == bad_step - 1 == len(trainer.saved)
+    for p in trainer.saved:
         assert all(np.isfinite(t).all() for t in tod_format.load_file(p).tensors.values())
 
 
@@ -192,3 +189,100 @@ def test_seed_run_on_lite0_fits_in_250_mb(lite0_tod, fashion_dir) -> None:
     assert len(losses) + len(accs) + 1 == len(lines) and losses[0].startswith("1: Loss is ")
     assert max(accs) > 0.6, accs
     assert int(lines[-1].split()[1]) <= 250, lines[-1]
+
+
+class Accuracies(Callback):
+    """Records every test evaluation and restore the trainer tells."""
+
+    def __init__(self) -> None:
+        self.tests: list[tuple[int, float]] = []
+        self.restored: list[tuple[int, float]] = []
+
+    def on_evaluate(self, session, split: str, accuracy: float) -> None:
+        if split == "test":
+            self.tests.append((session.step, accuracy))
+
+    def on_restore(self, session, step: int, accuracy: float) -> None:
+        self.restored.append((step, accuracy))
+
+
+def test_keep_best_restores_the_best_step_exactly(tiny_tod, tiny_split, tmp_path) -> None:
+    """The kept state is the checkpoint a save at the best step writes (ties: the earlier step)."""
+    path = tiny_tod(head="mlp", batch_size=4)
+    train, test = tiny_split(14, seed=1), tiny_split(9, seed=2, name="test")
+    plain = TrainSession.create(path)
+    seen = Accuracies()
+    trainer = Trainer(plain, train, test, seed=5, test_every=2, target_accuracy=None, callbacks=[seen],
+                      save_every=2, checkpoint_pattern=str(tmp_path / "ck_{step}.tod"))
+    trainer.fit(12)
+    best_accuracy = max(a for _, a in seen.tests)
+    best_step = min(s for s, a in seen.tests if a == best_accuracy)
+
+    kept = TrainSession.create(path)
+    seen = Accuracies()
+    trainer = Trainer(kept, train, test, seed=5, test_every=2, target_accuracy=None, callbacks=[seen],
+                      keep_best=True)
+    trainer.fit(12)
+    assert trainer.best == (best_step, best_accuracy)
+    assert seen.restored == ([] if best_step == 12 else [(best_step, best_accuracy)])
+    kept.save(tmp_path / "kept.tod")
+    assert (tmp_path / "kept.tod").read_bytes() == (tmp_path / f"ck_{best_step}.tod").read_bytes()
+
+
+def test_keep_best_evaluates_the_last_step_and_keeps_it_when_best(tiny_tod, tiny_split) -> None:
+    sess = TrainSession.create(tiny_tod(batch_size=4))
+    seen = Accuracies()
+    trainer = Trainer(sess, tiny_split(14), tiny_split(9, seed=2, name="test"), test_every=5,
+                      target_accuracy=None, callbacks=[seen], keep_best=True)
+    trainer.fit(7)  # evaluated at 5 and, for keep-best, at the last step 7
+    assert [s for s, _ in seen.tests] == [5, 7]
+    assert trainer.best[0] in (5, 7) and sess.step == trainer.best[0]
+    with pytest.raises(UserError, match="test split"):
+        Trainer(sess, tiny_split(14), keep_best=True)
+
+
+def test_restore_refuses_another_model(tiny_tod) -> None:
+    a, b = TrainSession.create(tiny_tod(seed=0)), TrainSession.create(tiny_tod(seed=0))
+    b.restore(a.checkpoint_state())  # the same frozen graph: fine
+    state = a.checkpoint_state()
+    state.frozen_graph = state.frozen_graph + b"\0"
+    with pytest.raises(UserError, match="another model"):
+        b.restore(state)
+
+
+def test_weight_decay_is_settable_saved_and_checked(tiny_tod, tmp_path) -> None:
+    sess = TrainSession.create(tiny_tod(head="dense"))
+    sess.weight_decay = 0.25
+    assert sess.weight_decay == 0.25
+    sess.save(tmp_path / "wd.tod")
+    assert TrainSession.create(tmp_path / "wd.tod").weight_decay == 0.25
+    for bad in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(UserError, match="weight decay"):
+            sess.weight_decay = bad
+
+
+@pytest.mark.parametrize("name, warmup, rates", [
+    ("constant", 0, None),
+    ("cosine", 0, [1.0, 0.5, 0.0]),        # base at 0, half at 2, 0 at 4 (of 4 steps)
+    ("step", 0, [1.0, 1.0, 0.1]),          # x0.1 each third: steps 0, 1 | 2, 3 with total 6 -> size 2
+    ("constant", 2, [0.5, 1.0, 1.0]),
+])
+def test_schedules_from_their_names(name: str, warmup: int, rates) -> None:
+    from edgetune.runtime.callbacks import make_schedule
+
+    total = 6 if name == "step" else 4
+    schedule = make_schedule(name, total, warmup)
+    if rates is None:
+        assert schedule is None
+        return
+    points = [0, 1, 2] if warmup else ([0, 2, 4] if name == "cosine" else [0, 1, 2])
+    assert [pytest.approx(schedule.rate(s, 1.0)) for s in points] == rates
+
+
+def test_bad_schedules_are_user_errors() -> None:
+    from edgetune.runtime.callbacks import make_schedule
+
+    with pytest.raises(UserError, match="unknown schedule"):
+        make_schedule("linear", 10)
+    with pytest.raises(UserError, match="warmup"):
+        make_schedule("cosine", 10, 10)

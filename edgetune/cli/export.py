@@ -13,8 +13,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-from edgetune.convert.spec import OPTIMIZERS, SGD, Adam
+from edgetune.convert.spec import OPTIMIZERS, SGD, Adam, Algorithm
 from edgetune.errors import UserError
+
+# optimizer settings with a command-line option; each applies to the optimizers that have that setting
+SETTING_OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,23 +34,29 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dampening", type=float, help=f"sgd (default {SGD.dampening})")
     parser.add_argument("--nesterov", action="store_true", default=None, help="sgd")
     parser.add_argument("--weight-decay", type=float, help="L2 penalty (sgd and adam; default 0)")
-    parser.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), help=f"adam (default {Adam.betas})")
+    parser.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+                        help=f"adam (default {' '.join(map(str, Adam.betas))})")
     parser.add_argument("--eps", type=float, help=f"adam (default {Adam.eps})")
 
 
-def optimizer_from(args: argparse.Namespace, base: SGD | Adam = SGD()) -> SGD | Adam:
-    """The optimizer spec the options describe: `base` with the options given on top.
+def optimizer_from(args: argparse.Namespace, base: Algorithm = SGD()) -> Algorithm:
+    """The optimizer entry the options describe: `base` (a recipe's) with the options given on top.
 
-    `--optimizer` picks the kind (default: `base`'s); a kind other than `base`'s starts from its
-    own defaults. Every option given replaces that one value; options of the other kind are ignored.
+    `--optimizer` picks the entry (default: `base`'s); another entry than `base`'s starts from its
+    own defaults. Every option given replaces that one setting.
+
+    Raises:
+        UserError: an option the chosen optimizer does not have, or a bad value.
     """
-    kind = OPTIMIZERS[args.optimizer] if args.optimizer is not None else type(base)
-    start = base if isinstance(base, kind) else kind()
-    given = {"lr": args.lr, "momentum": args.momentum, "dampening": args.dampening, "nesterov": args.nesterov,
-             "weight_decay": args.weight_decay, "betas": None if args.betas is None else tuple(args.betas),
-             "eps": args.eps}
-    names = {f.name for f in dataclasses.fields(kind)}
-    return dataclasses.replace(start, **{k: v for k, v in given.items() if v is not None and k in names})
+    algorithm = OPTIMIZERS[args.optimizer] if args.optimizer is not None else type(base)
+    start = base if type(base) is algorithm else algorithm()
+    settings = set(algorithm.settings())
+    given = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name, None) is not None}
+    foreign = sorted(set(given) - settings)
+    if foreign:
+        raise UserError(f"--{foreign[0].replace('_', '-')} is not a setting of {algorithm.name} "
+                        f"(it has {', '.join(sorted(settings))})")
+    return dataclasses.replace(start, **given)
 
 
 def class_names_from(args: argparse.Namespace) -> tuple[int, list[str] | None]:
@@ -103,12 +112,10 @@ def run(args: argparse.Namespace) -> int:
     net = TransferNet(backbone, head)
     selection = select(net, args.trainable)
     optimizer = optimizer_from(args, selection.recipe.optimizer)
-    optimizer.to_meta()  # reject bad settings before the slow part
     path = export(net, args.trainable, optimizer=optimizer, batch_size=args.batch_size, class_names=names,
                   path=args.output, backbone_lr_scale=args.backbone_lr_scale)
     params = dict(net.named_parameters())
     weights = sum(params[n].numel() for n in selection.params)
-    kind = "adam" if isinstance(optimizer, Adam) else "sgd"
     print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, trainable {selection.choice}: "
-          f"{weights} weights, {kind} lr {optimizer.lr:g}, batch {args.batch_size})")
+          f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, batch {args.batch_size})")
     return 0

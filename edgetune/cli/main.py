@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("prepare_data", "prepare a class-per-folder BMP dataset (Places365, image folders, Fashion-MNIST)"),
     "run": ("net_runner", "device: train and evaluate a .tod model, as the seed's net_runner"),
     "prepare-and-run": ("prepare_and_run", "build package-<target>/ and run it locally, over adb or ssh"),
+    "federated": ("federated", "federated training on Flower: a superlink and N supernodes on this machine"),
 }
 
 

@@ -4,13 +4,15 @@
 `i: Loss is X [min=Y]`; every 20 steps `accuracy on test data = A max accuracy = M`, stopping
 once A > 0.9; at the end `accuracy on validation data = V` and, when cycles > 0, the model is
 saved as `<model>_trained.tod`. `-c 0` only evaluates. Numbers print as C++ iostream does (%g).
-Device side: numpy, onnxruntime and Pillow only (matplotlib just for `--plot`).
+Device side: numpy, onnxruntime and tqdm (Pillow only for images that are not prepared BMPs,
+matplotlib only for `--plot`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from pathlib import Path
 from edgetune.cli.errors import run_guarded
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
-from edgetune.runtime.callbacks import Callback
+from edgetune.runtime.callbacks import SCHEDULES, Callback, make_schedule
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-accuracy", type=float, default=0.9,
                         help="stop once the test accuracy exceeds this (default 0.9)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the one stored in the model)")
+    parser.add_argument("--weight-decay", type=float, metavar="WD",
+                        help="weight decay, PyTorch's semantics for the model's optimizer (default: the model's)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="learning-rate schedule over this run: constant (default, the seed's), cosine to 0, "
+                             "or step (x0.1 at each third)")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="raise the learning rate linearly over the first N steps (default 0)")
+    parser.add_argument("--auto", action="store_true",
+                        help="choose learning rate, weight decay and step count on the test split by training "
+                             "candidates over the cached features, then train the chosen recipe (cosine; replaces "
+                             "-c, --lr, --weight-decay, --schedule and --target-accuracy); prints the search")
+    parser.add_argument("--auto-budget", type=float, default=None, metavar="SECONDS",
+                        help="--auto: no new candidate starts after this many seconds (default 60)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="keep the weights of the step with the best test accuracy (ties: the earlier), "
+                             "not the last step's; the log says which step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and dropout (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the backbone (default 1)")
     parser.add_argument("--no-cache", action="store_true", help="run the backbone for every batch (no feature cache)")
@@ -67,28 +85,59 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.data}: the {split.name} split is empty (each class needs at least 5 images)")
     if args.lr is not None:
         session.learning_rate = args.lr
+    if args.weight_decay is not None:
+        session.weight_decay = args.weight_decay
     if args.verbose:
         print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
     history = History()
-    trainer = Trainer(session, data.train, data.test, callbacks=_callbacks(args, history), seed=args.seed,
-                      test_every=args.test_every, target_accuracy=args.target_accuracy)
+    callbacks = _callbacks(args, history)
+    schedule = make_schedule(args.schedule, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
+    if schedule is not None:
+        callbacks.insert(0, schedule)  # the rate is set before anything reads it
+    trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
+                      test_every=args.test_every, target_accuracy=args.target_accuracy,
+                      save_every=args.save_every,  # <model>_trained_<i>.tod next to the model
+                      keep_best=args.keep_best)
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
-        for split in _splits_used(trainer, data, args.cycles):
+        for split in _splits_used(trainer, data, 10**9 if args.auto else args.cycles):
             trainer.features(split)
         trainer.progress = None
     else:  # every evaluation runs the backbone again: show each one's progress
         trainer.progress = progress
-    if args.cycles > 0:
-        trainer.fit(args.cycles)
+    cycles = _auto(args, session, data, trainer) if args.auto else args.cycles
+    if cycles > 0:
+        trainer.fit(cycles)
     accuracy = trainer.evaluate("validation", data.validation)
     print(f"accuracy on validation data = {accuracy:g}", flush=True)
-    if args.cycles > 0:
+    if cycles > 0:
         session.save(os.fspath(args.model)[: -len(".tod")] + "_trained.tod")
     if args.plot is not None:
         save_plot(history.records, args.plot)
     return 0
+
+
+def _auto(args: argparse.Namespace, session, data, trainer) -> int:
+    """`--auto`: search a recipe on the test split (edgetune.runtime.auto), print and log it, and set the
+    session and trainer to train it exactly as the search measured it; returns the step count."""
+    from edgetune.runtime import auto
+    from edgetune.runtime import format as tod_format
+    from edgetune.runtime.callbacks import CosineLR
+
+    progress = None if args.quiet else FeatureProgress(what="searching", unit="candidate")
+    result = auto.search(session, data.train, data.test, model=tod_format.load_file(args.model), seed=args.seed,
+                         budget=auto.DEFAULT_BUDGET if args.auto_budget is None else args.auto_budget,
+                         progress=progress)
+    print(result.table(), flush=True)
+    if args.log is not None:
+        with open(args.log, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in result.rows())
+    recipe = result.recipe
+    session.learning_rate, session.weight_decay = recipe.lr, recipe.weight_decay
+    trainer.callbacks.insert(0, CosineLR(recipe.horizon))  # as each candidate trained
+    trainer.target_accuracy = None  # the chosen step count is the stop
+    return recipe.steps
 
 
 def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
@@ -100,9 +149,7 @@ def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
         chosen.append(cb.LossMonitor())
     if args.verbose:
         chosen.append(TensorPrinter())
-    chosen.append(cb.AccuracyMonitor(every=args.test_every, target=args.target_accuracy))
-    if args.save_every:
-        chosen.append(cb.CheckpointSaver(args.save_every))  # <model>_trained_<i>.tod next to the model
+    chosen.append(cb.AccuracyMonitor())
     if args.log is not None:
         chosen.append(cb.JsonlLogger(args.log))
     return chosen
@@ -126,13 +173,21 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"{args.model}: not a .tod model (convert it with `edgetune convert`)")
     if not args.data.is_dir():
         raise UserError(f"{args.data}: no such dataset folder")
-    for name in ("cycles", "save_every"):
+    for name in ("cycles", "save_every", "warmup"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.weight_decay is not None and not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.lr is not None and not (args.lr >= 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.test_every < 1:
         raise UserError("--test-every must be >= 1")
     if args.threads < 1:
         raise UserError("--threads must be >= 1")
+    if args.auto_budget is not None and not args.auto:
+        raise UserError("--auto-budget goes with --auto")
+    if args.auto_budget is not None and not (args.auto_budget > 0 and math.isfinite(args.auto_budget)):
+        raise UserError(f"--auto-budget must be a finite number of seconds > 0, got {args.auto_budget:g}")
     if args.plot is not None:
         _matplotlib()  # fail before training, not after
 
@@ -147,16 +202,17 @@ def _sample_bytes(session) -> int:
 
 
 class FeatureProgress:
-    """Progress on stderr while the backbone runs over a split: `progress(what, done, total)`."""
+    """Progress on stderr of work told as `progress(what, done, total)`: the backbone over a split
+    (`extracting train: 120/600 img`), or the `--auto` candidates (`searching auto: 3/12 candidate`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "extracting", unit: str = "img") -> None:
         self.bar: Progress | None = None
-        self.what = ""
+        self.what, self.verb, self.unit = "", what, unit
 
     def __call__(self, what: str, done: int, total: int) -> None:
         """Advance the bar of `what`; a new label (or a restart) begins a new bar."""
         if self.bar is None or self.what != what or done < self.bar.done:
-            self.bar, self.what = Progress(f"extracting {what}", total), what
+            self.bar, self.what = Progress(f"{self.verb} {what}", total, unit=self.unit), what
         self.bar.update(done - self.bar.done)
         if done >= total:
             self.bar.close()
@@ -166,11 +222,11 @@ class FeatureProgress:
 class TensorPrinter(Callback):
     """`-v`: the output tensors after each step, as the seed's after_callback prints them."""
 
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         """Print the loss and logits tensors of the step just taken."""
         import numpy as np
 
-        logits = trainer.session.logits
+        logits = session.logits
         print(f"loss: shape () = {loss:g}", flush=True)
         print(f"logits: shape {logits.shape} =", np.array2string(logits, precision=6, threshold=64), flush=True)
 
@@ -181,14 +237,13 @@ class History(Callback):
     def __init__(self) -> None:
         self.records: list[dict] = []
 
-    def on_step_end(self, trainer, step: int, loss: float) -> None:
+    def on_step(self, session, step: int, loss: float) -> None:
         """Keep the step's loss."""
         self.records.append({"event": "step", "step": step, "loss": float(loss)})
 
-    def on_evaluate(self, trainer, split_name: str, accuracy: float) -> None:
+    def on_evaluate(self, session, split: str, accuracy: float) -> None:
         """Keep an evaluation, at the step it happened."""
-        self.records.append({"event": "evaluate", "split": split_name, "step": trainer.session.step,
-                             "accuracy": float(accuracy)})
+        self.records.append({"event": "evaluate", "split": split, "step": session.step, "accuracy": float(accuracy)})
 
 
 def _matplotlib():

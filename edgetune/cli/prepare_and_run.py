@@ -26,6 +26,7 @@ MODEL_NAME = "transfer_learning_tod"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's options (-D data, -t target) plus deployment and export options."""
+    from edgetune.convert.spec import OPTIMIZERS
     from edgetune.deploy.bundle import TARGETS
     from edgetune.deploy.package import DEMO_TRAIN_ARGS
 
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = parser.add_argument_group("export (edgetune export)")
     export.add_argument("--backbone", default="efficientnet-lite0")
     export.add_argument("--batch-size", type=int, default=32)
-    export.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    export.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     export.add_argument("--lr", type=float, help="learning rate stored in the model (default sgd 0.0015, adam 0.001)")
     export.add_argument("--momentum", type=float, help="sgd (default 0.9)")
     export.add_argument("--dampening", type=float, help="sgd (default 0.01)")

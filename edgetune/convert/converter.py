@@ -19,11 +19,16 @@ import onnx
 
 from edgetune import __version__
 from edgetune.convert import frozen
-from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss, optimizer_slots
+from edgetune.convert.spec import METADATA_KEY, SGD, Algorithm, check_loss, optimizer_slots
 from edgetune.convert.spec import preprocessing as preset
 from edgetune.convert.split import split_head
 from edgetune.errors import UserError
+from edgetune.runtime.bounds import memory_limit
 from edgetune.runtime.format import TodFile, save_file
+from edgetune.runtime.safe_read import read_file
+from edgetune.runtime.head import head_graph
+from edgetune.runtime.module import Module
+from edgetune.runtime.ops import Parameter
 
 FROZEN_BLOB = "frozen.onnx"
 
@@ -62,7 +67,7 @@ def convert(model_path: str | os.PathLike, output: str | os.PathLike) -> str:
 
 def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, output: str | os.PathLike, *,
                      class_names: Sequence[str] | None = None, preprocessing: str | dict[str, Any] = "lite0",
-                     optimizer: SGD | Adam = SGD(), batch_size: int = 32, seed: int = 0,
+                     optimizer: Algorithm = SGD(), batch_size: int = 32, seed: int = 0,
                      loss: str = "softmax_cross_entropy", backbone_name: str | None = None) -> str:
     """Make a `.tod` from any ONNX backbone: the graph up to tensor `cut` is frozen, a default head is added.
 
@@ -73,7 +78,7 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
         output: the model path, `.tod` appended unless present.
         class_names: one per class; default `"0"`, `"1"`, ...
         preprocessing: a preset name (`lite0`, `imagenet`) or a full `meta.preprocessing` object.
-        optimizer: `SGD(...)` or `Adam(...)`.
+        optimizer: an optimizer entry: `SGD(...)`, `Adam(...)`, ...
         batch_size: the training batch size.
         seed: seeds the head's initial weights (numpy PCG64).
         loss: the training loss.
@@ -118,11 +123,14 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file without reading anything it points to: external data stays a reference
+    (which `frozen.check_source` then refuses), where `onnx.load` would read the named files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
+    data = read_file(path, max_bytes=memory_limit(), why_cap=" (half the memory this process can get)")
     try:
-        return onnx.load(path)
+        return onnx.load_model_from_string(data)
     except Exception as e:  # protobuf DecodeError and friends
         raise UserError(f"{path} is not an ONNX model: {e}") from None
 
@@ -136,22 +144,22 @@ def _chw(value: onnx.ValueInfoProto) -> tuple[int, int, int]:
 
 
 def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, ...]) -> tuple[bytes, int]:
+    frozen.check_source(model, chw)
     blob = frozen.optimize(frozen.extract(model, input_name, cut))
+    frozen.check(blob, input_name, chw)
     return blob, frozen.probe(blob, input_name, chw)
 
 
 def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, features: int,
            layers: list[dict[str, Any]], params: dict[str, np.ndarray]) -> str:
     """Check the head's shapes against the features and classes, build the `.tod`, save it atomically."""
-    width = features
-    for layer in layers:
-        if layer["op"] == "dense":
-            w = params[layer["weight"]]
-            if w.shape[1] != width:
-                raise UserError(f"dense layer {layer['weight']!r} takes {w.shape[1]} inputs but receives {width}")
-            width = w.shape[0]
-    if width != info["num_classes"]:
-        raise UserError(f"the head outputs {width} values for {info['num_classes']} classes")
+    try:  # the runtime's own check: one sample through the head as the device will build it
+        nodes, constants = head_graph(layers, frozen.FEATURES, params)
+        module = Module(nodes, {n: Parameter(n, v) for n, v in params.items()}, frozen.FEATURES,
+                        nodes[-1].outputs[0], constants, info["loss"])
+        module.check(features, info["num_classes"])
+    except ValueError as e:
+        raise UserError(f"the head does not fit the {features} features and {info['num_classes']} classes: {e}") from None
     path = tod_path(output)
     meta = {
         "name": os.path.basename(path)[: -len(".tod")],

@@ -1,10 +1,11 @@
-"""Split a training graph at the frozen/trainable boundary and read the trainable part as a layer list.
+"""Split a training graph at the frozen/trainable boundary and read the trainable part as the model's head.
 
 A node is *trainable* when it depends, transitively, on a trainable initializer; everything else
 that depends on the input is the frozen part. Exactly one tensor may cross from the frozen part into
-the trainable part: the features. The trainable part must then be a chain of the few ops the
-device's numpy runtime implements (`meta.head`, docs/FORMAT.md); anything else is refused by name,
-because a silently dropped op would train a different network than the one exported.
+the trainable part: the features. Every trainable node must be an op the device can train, with
+attributes it implements: the runtime's op table (`edgetune.runtime.ops`) decides, and anything
+else is refused by name, because a silently dropped op would train a different network than the
+one exported. The nodes are then written as `meta.head` (`edgetune.runtime.head.head_list`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import onnx
 from onnx import numpy_helper
 
 from edgetune.errors import UserError
-
-SUPPORTED = ("Gemm", "MatMul (+ Add)", "Relu", "Flatten", "Reshape to (B, -1)", "Dropout", "Identity")
+from edgetune.runtime.head import head_list
+from edgetune.runtime.module import Node
+from edgetune.runtime.ops import OPS, get_op
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Head:
 
 
 class _Graph:
-    """Name lookups over one ONNX graph: constants, producers, consumers."""
+    """Name lookups over one ONNX graph: constants and how many readers each tensor has."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.consts: dict[str, onnx.TensorProto] = {i.name: i for i in graph.initializer}
@@ -81,109 +83,66 @@ def split_head(model: onnx.ModelProto, trainable: Sequence[str], input_name: str
     if len(crossing) != 1:
         raise UserError(f"the trainable part must read exactly one tensor of the frozen part, it reads "
                         f"{len(crossing)}: {crossing}")
-    head = Head(boundary=crossing[0])
-    _Translator(_Graph(graph), head, set(trainable), data | head_made).run(head_nodes, output_name)
-    unused = sorted(set(trainable) - set(head.params))
+    g, trainable = _Graph(graph), set(trainable)
+    nodes = _fuse_matmul_add([_node(n, g) for n in head_nodes], g, trainable)
+    for node in nodes:
+        _check_trainable(node, g, output_name)
+    params = {name: g.const(name).astype(np.float32) for name in trainable}
+    constants = {name: g.const(name) for node in nodes for name in node.inputs
+                 if name and name not in trainable and name in g.consts}
+    try:
+        layers, written = head_list(nodes, crossing[0], output_name, params, constants)
+    except ValueError as e:  # what the head list cannot hold, with the node named
+        raise UserError(str(e)) from None
+    unused = sorted(trainable - set(written))
     if unused:
         raise UserError(f"trainable parameters {unused} are not a weight or bias of a dense layer in the head")
-    return head
+    return Head(boundary=crossing[0], layers=layers, params=written)
 
 
-class _Translator:
-    """Walks the trainable chain node by node, appending `meta.head` layers."""
+def _node(node: onnx.NodeProto, g: _Graph) -> Node:
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return Node(node.op_type, tuple(node.input), tuple(node.output), attributes, node.name)
 
-    def __init__(self, g: _Graph, head: Head, trainable: set[str], data: set[str]) -> None:
-        self.g, self.head, self.trainable, self.data = g, head, trainable, data
 
-    def run(self, nodes: list[onnx.NodeProto], output_name: str) -> None:
-        current = self.head.boundary
-        i = 0
-        while i < len(nodes):
-            node = nodes[i]
-            handler = getattr(self, f"_op_{node.op_type}", None)
-            if handler is None:
-                raise UserError(f"unsupported op {node.op_type} in the trainable part (node {node.name!r}); "
-                                f"supported: {', '.join(SUPPORTED)}")
-            ins = [x for x in node.input if x in self.data]
-            branches = current != self.head.boundary and self.g.consumers.get(current, 0) != 1
-            if ins != [current] or branches:
-                raise UserError(f"the trainable part must be a chain of layers; node {node.name!r} "
-                                f"({node.op_type}) reads {ins}, expected only {current!r}")
-            if any(self.g.consumers.get(o, 0) for o in node.output[1:]):
-                raise UserError(f"node {node.name!r} ({node.op_type}): only its first output may be used")
-            consumed = handler(node, nodes[i + 1] if i + 1 < len(nodes) else None)
-            current = nodes[i + consumed - 1].output[0]
-            i += consumed
-        if current != output_name:
-            raise UserError(f"the trainable chain ends at {current!r}, not at the output {output_name!r}")
+def _check_trainable(node: Node, g: _Graph, output_name: str) -> None:
+    """The op table must know the op and accept its attributes; only its first output may be read."""
+    try:
+        get_op(node.op_type)(**node.attributes)
+    except ValueError as e:
+        if node.op_type not in OPS:
+            raise UserError(f"unsupported op {node.op_type} in the trainable part (node {node.name!r}); "
+                            f"the device trains: {', '.join(sorted(OPS))}") from None
+        raise UserError(f"node {node.name!r} ({node.op_type}): {e}") from None
+    if any(g.consumers.get(o, 0) for o in node.outputs[1:]):
+        raise UserError(f"node {node.name!r} ({node.op_type}): only its first output may be used")
+    if node.outputs[0] != output_name and g.consumers.get(node.outputs[0], 0) != 1:
+        raise UserError(f"the trainable part must be a chain of layers; the output of node {node.name!r} "
+                        f"({node.op_type}) is read {g.consumers.get(node.outputs[0], 0)} times")
 
-    def _param(self, node: onnx.NodeProto, name: str, what: str) -> np.ndarray:
-        if name not in self.trainable:
-            raise UserError(f"node {node.name!r} ({node.op_type}): its {what} {name!r} is not trainable; "
-                            f"a frozen layer inside the head is not supported")
-        return self.g.const(name).astype(np.float32)
 
-    def _dense(self, node: onnx.NodeProto, weight: str, w: np.ndarray, bias: str | None, b: np.ndarray | None) -> None:
-        if w.ndim != 2 or (b is not None and b.size != w.shape[0]):
-            raise UserError(f"node {node.name!r}: weight shape {w.shape} and bias shape "
-                            f"{None if b is None else b.shape} are not a dense layer")
-        self.head.params[weight] = np.ascontiguousarray(w)
-        if bias is not None:
-            self.head.params[bias] = b.reshape(-1)
-        self.head.layers.append({"op": "dense", "weight": weight, "bias": bias})
+def _fuse_matmul_add(nodes: list[Node], g: _Graph, trainable: set[str]) -> list[Node]:
+    """`MatMul(x, W)` then `Add(that, b)` with a trainable b is one linear layer: `Gemm(x, W, b)`.
 
-    def _op_Gemm(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        if alpha != 1.0 or attrs.get("transA", 0) != 0 or (has_bias and beta != 1.0):
-            raise UserError(f"node {node.name!r} (Gemm): only alpha=1, beta=1, transA=0 is supported, got "
-                            f"alpha={alpha} beta={beta} transA={attrs.get('transA', 0)}")
-        w = self._param(node, node.input[1], "weight")
-        w = w if attrs.get("transB", 0) else w.T  # the runtime keeps (out, in) as torch.nn.Linear
-        bias = node.input[2] if has_bias else None
-        self._dense(node, node.input[1], w, bias, self._param(node, bias, "bias") if bias else None)
-        return 1
+    Some exporters write a linear layer that way; Gemm with transB=0 computes exactly the same.
 
-    def _op_MatMul(self, node: onnx.NodeProto, nxt: onnx.NodeProto | None) -> int:
-        if node.input[0] not in self.data:
-            raise UserError(f"node {node.name!r} (MatMul): the features must be the first operand")
-        w = self._param(node, node.input[1], "weight").T
-        if (nxt is not None and nxt.op_type == "Add" and node.output[0] in nxt.input
-                and self.g.consumers.get(node.output[0]) == 1):
-            bias = next(x for x in nxt.input if x != node.output[0])
-            self._dense(node, node.input[1], w, bias, self._param(nxt, bias, "bias"))
-            return 2
-        self._dense(node, node.input[1], w, None, None)
-        return 1
-
-    def _op_Relu(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        self.head.layers.append({"op": "relu"})
-        return 1
-
-    def _op_Identity(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        self.head.layers.append({"op": "identity"})
-        return 1
-
-    def _op_Dropout(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        ratio = self.g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else np.array(0.5)
-        if ratio is None:
-            raise UserError(f"node {node.name!r} (Dropout): the ratio must be a constant")
-        p = float(str(np.float32(ratio)))  # the shortest decimal of the float32: 0.2, not 0.20000000298
-        self.head.layers.append({"op": "dropout", "p": p})
-        return 1
-
-    def _op_Flatten(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
-        if axis != 1:
-            raise UserError(f"node {node.name!r} (Flatten): only axis=1 is supported, got {axis}")
-        self.head.layers.append({"op": "flatten"})
-        return 1
-
-    def _op_Reshape(self, node: onnx.NodeProto, _next: onnx.NodeProto | None) -> int:
-        shape = self.g.const(node.input[1])
-        if shape is None or shape.shape != (2,) or not (shape[1] == -1 or shape[0] in (0, -1)):
-            raise UserError(f"node {node.name!r} (Reshape): only a constant reshape to (B, -1) is supported, "
-                            f"got {None if shape is None else shape.tolist()}")
-        self.head.layers.append({"op": "flatten"})
-        return 1
+    Raises:
+        UserError: the added tensor is a frozen initializer (a frozen bias inside the head).
+    """
+    out: list[Node] = []
+    i = 0
+    while i < len(nodes):
+        node, nxt = nodes[i], nodes[i + 1] if i + 1 < len(nodes) else None
+        if (node.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add" and node.outputs[0] in nxt.inputs
+                and g.consumers.get(node.outputs[0]) == 1):
+            bias = next(x for x in nxt.inputs if x != node.outputs[0])
+            if bias in g.consts and bias not in trainable:
+                raise UserError(f"node {nxt.name!r} (Add): its bias {bias!r} is not trainable; a frozen layer "
+                                f"inside the head is not supported")
+            if bias in trainable:
+                out.append(Node("Gemm", (*node.inputs, bias), nxt.outputs, {}, node.name or nxt.name))
+                i += 2
+                continue
+        out.append(node)
+        i += 1
+    return out

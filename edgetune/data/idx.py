@@ -2,19 +2,25 @@
 
 An IDX file is: two zero bytes, a type code, the number of dimensions d, then d big-endian u32
 sizes, then the values in C order, big-endian. Every size is checked against the byte count before
-anything is allocated, so a truncated download gives a clear error instead of a garbage array.
+anything is allocated, so a truncated download gives a clear error instead of a garbage array. The
+file is read by the one safe reader (`safe_read`: a regular file in its folder, never blocking) and
+both it and its gunzipped bytes are capped at `MAX_IDX_BYTES`, so a gzip bomb stops at the cap.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from edgetune.errors import UserError
+from edgetune.runtime.bounds import MAX_IDX_BYTES
+from edgetune.runtime.safe_read import read_file
 
 # type code -> numpy dtype (big-endian), from the format's description at yann.lecun.com/exdb/mnist
 IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
@@ -40,15 +46,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         The values, shaped as the header says.
 
     Raises:
-        UserError: not an IDX file, unknown type code, or fewer bytes than the header declares.
+        UserError: not an IDX file, unknown type code, fewer bytes than the header declares, or
+            more than `MAX_IDX_BYTES` once gunzipped.
+        UnsafeFile: not a regular file in its folder, or larger than `MAX_IDX_BYTES`.
     """
     path = Path(os.fspath(path))
-    raw = path.read_bytes()
+    raw = read_file(path, max_bytes=MAX_IDX_BYTES, root=path.parent)
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(MAX_IDX_BYTES + 1)  # a bomb stops here, one byte past the cap
+        except (OSError, EOFError, zlib.error) as e:
             raise UserError(f"{path}: broken gzip data ({e})") from None
+        if len(raw) > MAX_IDX_BYTES:
+            raise UserError(f"{path}: more than {MAX_IDX_BYTES} bytes once gunzipped (a gzip bomb?)")
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_TYPES:
         raise UserError(f"{path}: not an IDX file")
     dtype, ndim = IDX_TYPES[raw[2]], raw[3]

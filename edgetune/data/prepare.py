@@ -26,7 +26,11 @@ from edgetune.data.idx import find_idx, read_idx
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.atomic import TEMP_SUFFIX, write_atomic
-from edgetune.runtime.dataset import CLASS_FILE, BadImage, open_image, read_class_file, resize_and_crop
+from edgetune.runtime.bounds import MAX_TEXT_BYTES
+from edgetune.runtime.dataset import CLASS_FILE, read_class_file
+from edgetune.runtime.decode import BadImage, open_image, read_bytes
+from edgetune.runtime.geometry import resize_and_crop
+from edgetune.runtime.safe_read import UnsafeFile, check_inside, read_file
 
 # Places365 ids of the seed's classes, in the order of its folders 0..9: alley, cockpit,
 # amusement_arcade, amusement_park, aqueduct, arena/hockey, arena/rodeo, bus_interior, attic, badlands
@@ -111,7 +115,7 @@ def prepare_places365(src: str | os.PathLike, out: str | os.PathLike, classes: S
     if bad:
         raise UserError(f"class ids {bad} are out of range 0..{known - 1}")
     by_class: dict[int, list[Candidate]] = {c: [] for c in classes}
-    for number, line in enumerate(val_list.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(val_list, src).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -120,7 +124,7 @@ def prepare_places365(src: str | os.PathLike, out: str | os.PathLike, classes: S
         if int(fields[1]) in by_class:
             path = images_dir / fields[0]
             by_class[int(fields[1])].append(
-                Candidate(Path(fields[0]).stem, str(path), lambda p=path: crop_image(p, None, CROP)))
+                Candidate(Path(fields[0]).stem, str(path), lambda p=path: crop_image(p, None, CROP, root=images_dir)))
     class_names = [names[c] if names else str(c) for c in classes]
     return write_dataset(out, class_names, [by_class[c] for c in classes], fmt, per_class)
 
@@ -131,8 +135,9 @@ def prepare_image_folder(src: str | os.PathLike, out: str | os.PathLike, resize_
 
     Files are found recursively (following symlinks, each real directory once, so a link loop
     cannot hang it, and never out of the class folder), sorted by path; output names come from the
-    path inside the class folder. Entries that are not files (FIFOs, devices, broken links, links
-    out of the class folder) are skipped and counted with the unusable images.
+    path inside the class folder. Each is read as the device loader reads (`safe_read`): entries
+    that are not regular files (FIFOs, devices, broken links) or lead out of the class folder are
+    never opened, but skipped and counted with the unusable images.
 
     Args:
         src: the tree's root.
@@ -168,7 +173,7 @@ def prepare_image_folder(src: str | os.PathLike, out: str | os.PathLike, resize_
             if name in used:  # a.jpg next to a.png: keep both, deterministically
                 name = "__".join(rel.parts).replace(".", "_")
             used.add(name)
-            make = (functools.partial(crop_image, path, resize_shorter, crop) if problem is None
+            make = (functools.partial(crop_image, path, resize_shorter, crop, root=class_dir) if problem is None
                     else functools.partial(refuse, problem))  # skipped and counted like a bad image
             found.append(Candidate(name, str(path), make))
         candidates.append(found)
@@ -216,13 +221,15 @@ def upscale(pixels: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).convert("RGB")
 
 
-def crop_image(path: Path, shorter: int | None, crop: int) -> Image.Image:
+def crop_image(path: Path, shorter: int | None, crop: int, root: str | os.PathLike | None = None) -> Image.Image:
     """Open a photo as RGB (EXIF rotation applied), resize its shorter side, center crop a square.
 
-    With `shorter` None only sources smaller than the crop are resized (up to the crop size).
-    Only the crop window is resized (`resize_and_crop`), so a long thin strip cannot blow up memory.
+    The file is read as the loader reads (`read_bytes`): a regular file under the size cap, inside
+    `root` (the class or image folder) once links are resolved. With `shorter` None only sources
+    smaller than the crop are resized (up to the crop size). Only the crop window is resized
+    (`resize_and_crop`), so a long thin strip cannot blow up memory.
     """
-    img = ImageOps.exif_transpose(open_image(path))
+    img = ImageOps.exif_transpose(open_image(read_bytes(path, root)))
     return resize_and_crop(img, shorter, crop, crop)
 
 
@@ -241,7 +248,7 @@ def read_categories(path: Path | None) -> list[str]:
     if path is None:
         return []
     names: dict[int, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, path.parent).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -254,16 +261,25 @@ def read_categories(path: Path | None) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
+def read_text(path: Path, root: Path) -> str:
+    """A source list file (Places365) as UTF-8 text, read by the one safe reader, inside `root`."""
+    try:
+        return read_file(path, max_bytes=MAX_TEXT_BYTES, root=root).decode("utf-8")
+    except (UnsafeFile, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e.reason if isinstance(e, UnsafeFile) else e}") from None
+
+
 def walk_files(top: Path) -> list[tuple[Path, str | None]]:
     """Every non-hidden entry under `top` that is not a directory walked into, sorted by path.
 
-    Each comes with why it cannot be an image (None for a regular file), so the caller counts and
-    reports it instead of dropping it silently or blocking on it (a FIFO or /dev/zero never ends).
-    Symlinked directories are followed once each (a link loop cannot hang the walk) and only while
-    they stay inside `top`: a link out of the class folder (e.g. `cats/all -> ..`) would pull in
-    other classes' images under this class's label. Such a link is listed with its reason.
+    A directory link leading out of `top` comes with its reason (it is not walked); every other
+    entry with None: whether it is a regular file inside `top` is decided when it is read
+    (`crop_image`, by `safe_read`), so the caller counts and reports it instead of dropping it
+    silently or blocking on it (a FIFO or /dev/zero never ends). Symlinked directories are
+    followed once each (a link loop cannot hang the walk) and only while they stay inside `top`:
+    a link out of the class folder (e.g. `cats/all -> ..`) would pull in other classes' images
+    under this class's label.
     """
-    real_top = os.path.realpath(top)
     seen: set[tuple[int, int]] = set()
     entries: list[tuple[Path, str | None]] = []
     for root, dirs, names in os.walk(top, followlinks=True):
@@ -276,28 +292,18 @@ def walk_files(top: Path) -> list[tuple[Path, str | None]]:
         for d in dirs:
             if d.startswith("."):
                 continue
-            real = os.path.realpath(os.path.join(root, d))
-            if os.path.commonpath([real_top, real]) == real_top:
+            try:
+                check_inside(os.path.join(root, d), top)
                 inside.append(d)
-            else:
-                entries.append((Path(root, d), f"a link to {real}, outside the class folder: not followed"))
+            except UnsafeFile as e:
+                entries.append((Path(root, d), e.reason))
         dirs[:] = inside
-        for name in names:
-            if not name.startswith("."):
-                path = os.path.join(root, name)
-                entries.append((Path(path), None if os.path.isfile(path) else non_file_reason(path)))
+        entries += [(Path(root, name), None) for name in names if not name.startswith(".")]
     return sorted(entries, key=lambda e: e[0].relative_to(top).parts)
 
 
-def non_file_reason(path: str) -> str:
-    """Why `path` (found in a folder listing, not a regular file) is not read as an image."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return "broken or looping symlink"
-    return "not a regular file (a FIFO, device or socket)"
-
-
 def refuse(reason: str) -> Image.Image:
-    """A candidate's `make` for an entry that is not a file: always `BadImage(reason)`."""
+    """A candidate's `make` for an entry never read (a folder link out of the class): always `BadImage(reason)`."""
     raise BadImage(reason)
 
 

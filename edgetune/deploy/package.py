@@ -10,6 +10,9 @@ package-<target>/
 The scripts create `.venv/` from `wheels/` on their first run and keep the feature cache in
 `cache/`, so nothing is written outside the package. They run `python -m ...`, never the venv's
 launcher scripts, whose shebang lines break when the folder's path holds spaces or quotes.
+`EDGETUNE_PYTHON`, when set, names a Python that already has `wheels/` installed; the scripts then
+run it instead of `.venv/bin/python` and install nothing (tests/test_arm64_emulated.py runs the
+arm64 package this way, through qemu, where `python -m venv` cannot start pip).
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ from pathlib import Path
 
 from edgetune.deploy import bundle
 from edgetune.errors import UserError
+from edgetune.runtime.atomic import PERMISSION_BITS
+from edgetune.runtime.safe_read import UnsafeFile, open_regular
 
 SCRIPTS = ("eval_untrained.sh", "train.sh", "eval.sh")
 MARKER = ".edgetune-package"  # marks a folder clean_package_dir may empty
 
-# The demo's training run. Cached steps cost well under a millisecond, so train.sh takes 600 of
-# them (32 epochs of the 600 Fashion-MNIST training images) at lr 0.01 without stopping early:
-# validation 0.835-0.855 over seeds 0-3, where a converged L-BFGS logistic regression on the same
-# features gets 0.83-0.845 (measured 2026-11-25; lr 0.0015 needs > 1000 steps to reach 0.815).
-DEMO_TRAIN_ARGS = ("-c", "600", "--lr", "0.01", "--target-accuracy", "1.01", "-s", "200")
+# The demo's training run: `--auto` chooses learning rate, weight decay and step count on the test
+# split over the cached features (edgetune.runtime.auto; within a point of a converged L2 logistic
+# regression on the same features, bench/RESULTS.md), then trains that recipe; a checkpoint every
+# 200 steps. net_runner's own defaults stay the seed's.
+DEMO_TRAIN_ARGS = ("--auto", "-s", "200")
 
 _PREAMBLE = """\
 #!/bin/sh
@@ -40,7 +45,7 @@ _PREAMBLE = """\
 set -e
 cd "$(dirname "$0")"
 PY="${{PYTHON:-python3}}"
-if [ ! -f .venv/edgetune-installed ]; then
+if [ -z "${{EDGETUNE_PYTHON:-}}" ] && [ ! -f .venv/edgetune-installed ]; then
   "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' || {{
     echo "{name}: the wheels in wheels/ are for Python {version}; set PYTHON to a Python {version}" >&2; exit 2; }}
   echo "== installing the runtime from wheels/ into .venv (first run only)" >&2
@@ -54,11 +59,15 @@ fi
 
 @dataclass(frozen=True)
 class Package:
-    """A built package folder and the model path inside it, relative to the folder."""
+    """A built package folder and the model path inside it, relative to the folder.
+
+    `skipped` lists `(source path, reason)` for every dataset entry not copied (links, FIFOs, ...).
+    """
 
     root: Path
     model: str
     target: str
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def script_texts(model: str, python_version: str = "3.11",
@@ -83,8 +92,9 @@ def script_texts(model: str, python_version: str = "3.11",
         "train.sh": ("-f", model, *train_args, *common, "--log", "train.jsonl"),
         "eval.sh": ("-f", trained, "-c", "0", *common),
     }
+    run = 'exec "${EDGETUNE_PYTHON:-.venv/bin/python}" -m edgetune.cli.net_runner '
     return {name: _PREAMBLE.format(name=name, major=major, minor=minor, version=python_version)
-            + "exec .venv/bin/python -m edgetune.cli.net_runner " + shlex.join(args) + "\n" for name, args in runs.items()}
+            + run + shlex.join(args) + "\n" for name, args in runs.items()}
 
 
 def clean_package_dir(out: str | os.PathLike) -> Path:
@@ -94,6 +104,8 @@ def clean_package_dir(out: str | os.PathLike) -> Path:
     failed half-way can still be rebuilt.
     """
     out = Path(out)
+    if out.is_symlink():  # never emptied through a link (the remote side refuses one too: transport.replace_guard)
+        raise UserError(f"{out} exists and is not a package folder: refusing to replace it")
     if out.exists():
         ours = (out / MARKER).is_file() or all((out / name).is_file() for name in SCRIPTS)
         if not out.is_dir() or (any(out.iterdir()) and not ours):
@@ -110,7 +122,8 @@ def build_package(target: str, out: str | os.PathLike, model: str | os.PathLike,
     """Put the model, dataset, wheels and scripts into the package folder `out`.
 
     A model or dataset that already sits inside `out` (a staging folder) is moved, anything else
-    is copied.
+    is copied: regular files and folders only, never through a link (`copy_regular_tree`); what
+    was left out is printed on stderr and listed in `Package.skipped`.
 
     Args:
         target: `x86` or `arm64`: the platform of the bundled wheels.
@@ -131,7 +144,11 @@ def build_package(target: str, out: str | os.PathLike, model: str | os.PathLike,
         raise UserError(f"{dataset}: not a prepared dataset (no classes.txt); see `edgetune prepare-data`")
     out.mkdir(parents=True, exist_ok=True)
     _place(model, out / "model" / model.name, out)
-    _place(dataset, out / "dataset", out)
+    skipped = _place(dataset, out / "dataset", out)
+    for path, reason in skipped:
+        print(f"warning: not copied into the package: {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(f"warning: {len(skipped)} dataset entries were not copied (only regular files are)", file=sys.stderr)
     wheels = out / "wheels"
     if wheels.exists():
         shutil.rmtree(wheels)
@@ -148,17 +165,64 @@ def build_package(target: str, out: str | os.PathLike, model: str | os.PathLike,
         path = out / name
         path.write_text(text)
         path.chmod(0o755)
-    return Package(root=out, model=rel_model, target=target)
+    return Package(root=out, model=rel_model, target=target, skipped=tuple(skipped))
 
 
-def _place(src: Path, dst: Path, out: Path) -> None:
-    """Move `src` to `dst` when it is staged inside the package `out`, else copy it."""
+def _place(src: Path, dst: Path, out: Path) -> list[tuple[str, str]]:
+    """Move `src` to `dst` when it is staged inside the package `out`, else copy it; returns what was skipped."""
     if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.resolve().is_relative_to(out.resolve()):
         shutil.move(src, dst)
-    elif src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copy2(src, dst)
+        return []
+    if src.is_dir():
+        return copy_regular_tree(src, dst)
+    copy_regular_file(src, dst)
+    return []
+
+
+def copy_regular_tree(src: Path, dst: Path, top: Path | None = None) -> list[tuple[str, str]]:
+    """Copy the regular files and sub-folders of `src` into a new folder `dst`; nothing through a link.
+
+    `shutil.copytree` follows links: a class folder's link to `~/.ssh` or `/etc` would put those
+    files into the package pushed to the device. Here a link (to a file or a folder, inside or
+    outside) is never followed, and FIFOs, devices and sockets are never opened; each is skipped
+    with its reason. Files are read by `safe_read` (regular, inside `top`, non-blocking) and get
+    their permission bits only, never set-id bits.
+
+    Args:
+        src: the folder to copy (given by the user: it may itself be a link).
+        dst: the new folder; must not exist.
+        top: the tree's root (internal: `src` of the outermost call).
+
+    Returns:
+        `(path, reason)` of every entry not copied, in name order.
+    """
+    top = top or src
+    dst.mkdir()
+    skipped: list[tuple[str, str]] = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.is_symlink():
+            skipped.append((entry.path, f"a link to {os.readlink(entry.path)}: links are not followed"))
+        elif entry.is_dir(follow_symlinks=False):
+            skipped += copy_regular_tree(Path(entry.path), dst / entry.name, top)
+        else:
+            try:
+                copy_regular_file(Path(entry.path), dst / entry.name, top)
+            except UnsafeFile as e:
+                skipped.append((entry.path, e.reason))
+    return skipped
+
+
+def copy_regular_file(src: Path, dst: Path, root: Path | None = None) -> None:
+    """Copy one regular file (read by `safe_read`, inside `root` if given) to a new `dst`, permission bits only.
+
+    Raises:
+        UnsafeFile: `src` is not a regular file (inside `root`); nothing is created then.
+    """
+    with open_regular(src, max_bytes=None, root=root) as f:
+        mode = os.fstat(f.fileno()).st_mode & PERMISSION_BITS
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)

@@ -2,6 +2,10 @@
 
 Every command is an argument list (never `shell=True`); the one string a remote shell parses is
 built with `shlex.quote`, so folders and hosts with spaces, quotes or `;` pass through unchanged.
+Every path handed to a tool (tar, ssh, adb, and rm, mkdir, cd, sh on the remote side) comes after
+`--`, so a name starting with `-` is never read as an option. Before replacing the remote package
+folder, the remote shell checks it exactly as `package.clean_package_dir` checks the local one
+(`replace_guard`): an unrelated folder that happens to have the package's name is never removed.
 """
 
 from __future__ import annotations
@@ -11,19 +15,11 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
+from edgetune.deploy.package import MARKER, SCRIPTS
 from edgetune.errors import UserError
 
-
-class Transport(Protocol):
-    """Copies a package folder to where it runs, then runs its scripts there."""
-
-    def push(self, package: Path) -> str:
-        """Copy `package` over; returns where it now is (for the log)."""
-
-    def run(self, script: str) -> int:
-        """Run one of the package's scripts in the package folder; returns its exit status."""
+REFUSED = 3  # exit status of `replace_guard` when the folder is not a package
 
 
 class Local:
@@ -39,7 +35,7 @@ class Local:
 
     def run(self, script: str) -> int:
         """`sh script` in the package folder; output goes straight to ours."""
-        return subprocess.run(["sh", script], cwd=self.package).returncode
+        return subprocess.run(["sh", "--", script], cwd=self.package).returncode
 
 
 class Adb:
@@ -59,16 +55,16 @@ class Adb:
     def push(self, package: Path) -> str:
         """Replace `<remote_dir>/<package name>` on the device with `package`."""
         self.package = os.fspath(PurePosixPath(self.remote_dir) / Path(package).name)
-        _check(subprocess.run([*self.adb, "shell", f"rm -rf {shlex.quote(self.package)} && "
-                               f"mkdir -p {shlex.quote(self.remote_dir)}"], capture_output=True, text=True),
+        _check(subprocess.run([*self.adb, "shell", f"{replace_guard(self.package)} && "
+                               f"mkdir -p -- {shlex.quote(self.remote_dir)}"], capture_output=True, text=True),
                "adb shell mkdir")
-        _check(subprocess.run([*self.adb, "push", os.fspath(package), self.remote_dir + "/"],
+        _check(subprocess.run([*self.adb, "push", "--", os.fspath(Path(package).resolve()), self.remote_dir + "/"],
                               capture_output=True, text=True), "adb push")
         return self.package
 
     def run(self, script: str) -> int:
         """`adb shell` runs the script in the pushed package; returns its exit status."""
-        command = f"cd {shlex.quote(self.package)} && sh {shlex.quote(script)}"
+        command = f"cd -- {shlex.quote(self.package)} && sh -- {shlex.quote(script)}"
         return subprocess.run([*self.adb, "shell", command]).returncode
 
 
@@ -91,7 +87,7 @@ class Ssh:
             self.ssh += ["-F", os.fspath(config)]
         if port is not None:
             self.ssh += ["-p", str(port)]
-        self.ssh += [host]
+        self.ssh += ["--", host]
         self.host, self.remote_dir, self.package = host, remote_dir, ""
         probe = subprocess.run([*self.ssh, "true"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if probe.returncode != 0:
@@ -102,10 +98,10 @@ class Ssh:
         package = Path(package).resolve()
         name = package.name
         self.package = os.fspath(PurePosixPath(self.remote_dir) / name)
-        receive = (f"mkdir -p {shlex.quote(self.remote_dir)} && rm -rf {shlex.quote(self.package)} && "
+        receive = (f"mkdir -p -- {shlex.quote(self.remote_dir)} && {replace_guard(self.package)} && "
                    f"tar -C {shlex.quote(self.remote_dir)} -xf -")
         tar = subprocess.Popen(["tar", "-C", os.fspath(package.parent), "--exclude", f"{name}/.venv",
-                                "--exclude", f"{name}/cache", "-cf", "-", name], stdout=subprocess.PIPE)
+                                "--exclude", f"{name}/cache", "-cf", "-", "--", name], stdout=subprocess.PIPE)
         done = subprocess.run([*self.ssh, receive], stdin=tar.stdout, capture_output=True, text=True)
         tar.stdout.close()
         if tar.wait() != 0:
@@ -115,8 +111,24 @@ class Ssh:
 
     def run(self, script: str) -> int:
         """ssh runs the script in the copied package; returns its exit status."""
-        command = f"cd {shlex.quote(self.package)} && sh {shlex.quote(script)}"
+        command = f"cd -- {shlex.quote(self.package)} && sh -- {shlex.quote(script)}"
         return subprocess.run([*self.ssh, command], stdin=subprocess.DEVNULL).returncode
+
+
+def replace_guard(path: str) -> str:
+    """A POSIX shell command that removes the folder `path` only if `clean_package_dir` would empty it.
+
+    The local rule (`edgetune.deploy.package.clean_package_dir`), checked on the remote side before
+    anything there is removed: nothing at `path` is fine; a link is refused; otherwise it must be a
+    folder that is empty, or holds the package marker, or holds all three scripts. Anything else
+    makes the command print why on stderr and exit with status `REFUSED`.
+    """
+    p = shlex.quote(path)
+    scripts = " && ".join(f"[ -f {p}/{shlex.quote(name)} ]" for name in SCRIPTS)
+    refuse = shlex.quote(f"{path} exists and is not a package folder: refusing to replace it")
+    return (f"{{ if [ -L {p} ]; then printf '%s\\n' {refuse} >&2; exit {REFUSED}; "
+            f"elif [ -e {p} ]; then if [ -d {p} ] && {{ [ -z \"$(ls -A -- {p})\" ] || [ -f {p}/{shlex.quote(MARKER)} ] "
+            f"|| {{ {scripts}; }}; }}; then rm -rf -- {p}; else printf '%s\\n' {refuse} >&2; exit {REFUSED}; fi; fi; }}")
 
 
 def _require(tool: str, hint: str) -> str:

@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgetune import __version__
-from edgetune.convert.spec import METADATA_KEY, SGD, Adam, check_loss
+from edgetune.convert.spec import METADATA_KEY, Algorithm, check_loss
 from edgetune.convert.split import depends_on
 from edgetune.errors import UserError
 from edgetune.host.net import TransferNet
@@ -42,7 +42,7 @@ INPUT_NAME, OUTPUT_NAME, LABEL_NAME = "data", "logits", "label"
 
 
 def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD, loss: str = "softmax_cross_entropy",
-           optimizer: SGD | Adam | None = None, batch_size: int = 32, input_shape: Sequence[int] = (3, 224, 224),
+           optimizer: Algorithm | None = None, batch_size: int = 32, input_shape: Sequence[int] = (3, 224, 224),
            class_names: Sequence[str] | None = None, preprocessing: dict[str, Any] | None = None,
            path: str | os.PathLike = "transfer_learning_tod.onnx", backbone_name: str | None = None,
            backbone_lr_scale: float | None = None) -> str:

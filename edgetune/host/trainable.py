@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from edgetune.convert.spec import SGD, Adam
+from edgetune.convert.spec import SGD, Adam, Algorithm
 from edgetune.errors import UserError
 
 HEAD = "head"  # TransferNet's head module, and the choice that trains it alone
@@ -29,13 +29,12 @@ CUSTOM = "custom"  # the recorded choice when module or parameter names were giv
 class Recipe:
     """A default training recipe: optimizer (its lr is the head's) and the backbone's lr factor."""
 
-    optimizer: SGD | Adam
+    optimizer: Algorithm
     backbone_lr_scale: float = 1.0
 
     def describe(self) -> str:
         """One line for tables, e.g. `adam lr 0.001, backbone x0.1`."""
-        name = "adam" if isinstance(self.optimizer, Adam) else "sgd"
-        text = f"{name} lr {self.optimizer.lr:g}"
+        text = f"{self.optimizer.name} lr {self.optimizer.lr:g}"
         if isinstance(self.optimizer, SGD):
             text += f" m {self.optimizer.momentum:g} d {self.optimizer.dampening:g}"
         if self.optimizer.weight_decay:

@@ -10,12 +10,12 @@ every layer (runtime, data, host) can use it.
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
 TEMP_SUFFIX = ".partial"
+PERMISSION_BITS = 0o777  # what a replaced file's mode passes on: rwx for user, group, other; no set-id bits
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], *, durable: bool = True) -> str:
@@ -94,10 +94,11 @@ def _mode_for(path: str) -> int:
     """The permissions the written file gets: those of the file it replaces, else rw-r--r-- less the umask.
 
     mkstemp creates its file 0600; without this a checkpoint would be private where the model it
-    came from was not.
+    came from was not. Only the permission bits (0o777) carry over, never setuid, setgid or sticky:
+    a file someone made setuid must not hand that bit to the data written over it.
     """
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        return os.stat(path).st_mode & PERMISSION_BITS
     except OSError:
         mask = os.umask(0o022)  # read the umask (set and put back; there is no getter)
         os.umask(mask)

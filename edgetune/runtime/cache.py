@@ -11,6 +11,8 @@ On disk (`directory` given) new rows are buffered and written `segment_rows` at 
 computed again next time.
 The index is written atomically *after* the data is on disk, and a segment whose data does not
 match its index is ignored, so a crash or a torn file can never feed wrong features to training.
+A segment that cannot be read at all (no permission, an I/O error) is ignored too, and the warning
+says that, not "damaged": its rows are computed again.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgetune.runtime.atomic import write_atomic
+from edgetune.runtime.bounds import MAX_TEXT_BYTES
+from edgetune.runtime.safe_read import UnsafeFile, open_regular, read_file
 
 
 class FeatureCache:
@@ -43,7 +47,7 @@ class FeatureCache:
         self._pending: list[tuple[str, np.ndarray]] = []
         self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
         self._rows: dict[str, np.ndarray] = {}
-        self.rejected: list[str] = []  # segment files ignored because they failed verification
+        self.rejected: list[str] = []  # segments ignored: damaged, or unreadable (the warning says which)
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
             self._load_segments()
@@ -99,38 +103,69 @@ class FeatureCache:
             if not name.endswith(".json"):
                 continue
             base = os.path.join(self.directory, name[:-5])
-            segment = _verified_segment(base)
-            if segment is None or (self.width is not None and segment[1].shape[1] != self.width):
+            try:
+                keys, rows = _verified_segment(base, self.width)
+            except DamagedSegment as e:
                 self.rejected.append(base)
-                print(f"feature cache: ignoring damaged segment {base}.json", file=sys.stderr)
+                print(f"feature cache: ignoring damaged segment {base}.json ({e})", file=sys.stderr)
                 continue
-            keys, rows = segment
+            except OSError as e:  # permission, I/O error: the file may be fine, this process cannot read it
+                self.rejected.append(base)
+                print(f"feature cache: cannot read segment {base}.json ({e.strerror or e}); ignoring it",
+                      file=sys.stderr)
+                continue
             for k, row in zip(keys, rows):
                 self._rows.setdefault(k, row)
 
 
-def _verified_segment(base: str) -> tuple[list[str], np.memmap] | None:
-    """The segment's keys and rows (memory-mapped) if its index parses and its data matches size and sha256."""
+class DamagedSegment(Exception):
+    """A cache segment whose index or data is not what a complete write leaves; the message says what."""
+
+
+def _verified_segment(base: str, width: int | None) -> tuple[list[str], np.memmap]:
+    """The segment's keys and rows (memory-mapped), if its index parses and its data matches size and sha256.
+
+    Both files are read by `safe_read` (regular files inside the cache folder, never blocking, the
+    index under a size cap), and the data is mapped from the very descriptor whose size was checked
+    against the index and whose bytes were hashed: a short file is refused before it is mapped,
+    so a truncated segment is ignored, never a SIGBUS when its missing rows are touched.
+
+    Raises:
+        DamagedSegment: the index is not valid JSON of the expected shape, a file is missing, not a
+            regular file inside the cache folder, or the data's size or sha256 is not the index's.
+        OSError: a file cannot be read (permissions, I/O).
+    """
+    folder = os.path.dirname(base)
     try:
-        with open(base + ".json", encoding="utf-8") as f:
-            index = json.load(f)
-        shape = index["shape"]
-        keys = index["keys"]
-        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
-                and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"):
-            return None
-        size = os.path.getsize(base + ".f32")
-        if size != shape[0] * shape[1] * 4:
-            return None
-        h = hashlib.sha256()
-        with open(base + ".f32", "rb") as f:
+        index = json.loads(read_file(base + ".json", max_bytes=MAX_TEXT_BYTES, root=folder))
+    except UnsafeFile as e:
+        raise DamagedSegment(f"index refused: {e.reason}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedSegment(f"index is not JSON: {e}") from None
+    shape = index.get("shape") if isinstance(index, dict) else None
+    keys = index.get("keys") if isinstance(index, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)
+            and isinstance(keys, list) and len(keys) == shape[0] and index.get("dtype") == "float32"
+            and all(isinstance(k, str) for k in keys)):
+        raise DamagedSegment("index has no valid keys, shape and dtype")
+    if width is not None and shape[1] != width:
+        raise DamagedSegment(f"rows of {shape[1]} features, the model gives {width}")
+    expected = shape[0] * shape[1] * 4
+    try:
+        with open_regular(base + ".f32", max_bytes=expected, root=folder) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected:
+                raise DamagedSegment(f"data file has {size} bytes, the index says {expected}")
+            h = hashlib.sha256()
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        if h.hexdigest() != index.get("sha256"):
-            return None
-        return keys, np.memmap(base + ".f32", dtype=np.float32, mode="r", shape=tuple(shape))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            if h.hexdigest() != index.get("sha256"):
+                raise DamagedSegment("data does not match the index's sha256")
+            return keys, np.memmap(f, dtype=np.float32, mode="r", shape=tuple(shape))
+    except FileNotFoundError:
+        raise DamagedSegment("data file missing") from None
+    except UnsafeFile as e:
+        raise DamagedSegment(f"data file refused: {e.reason}") from None
 
 
 def namespace_for(model_sha256: str, preprocessing: dict, output: str) -> str:

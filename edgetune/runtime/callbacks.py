@@ -1,8 +1,12 @@
-"""Small composable training callbacks, as MindSpore Lite added after the seed.
+"""Training callbacks: observers the `Trainer` tells what happened. They print, log and schedule; they never steer.
 
-A callback overrides any of the hooks; to stop training it sets `trainer.stop = True`. The seed's
-net_runner output is `LossMonitor` + `AccuracyMonitor`, line for line (`%g` = C++ iostream's
-default float format, 6 significant digits).
+The `Trainer` owns the loop's decisions (when to evaluate, when to save, when to stop); a callback
+overrides any hook of `Callback` (each does nothing by default) and is given the session. The
+seed's net_runner output is `LossMonitor` + `AccuracyMonitor`, line for line (`%g` = C++
+iostream's default float format, 6 significant digits). A learning-rate schedule is a callback that
+sets the rate for the next step through the session's public setter.
+
+This module imports nothing else of the runtime, so the trainer can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -15,23 +19,29 @@ from typing import TYPE_CHECKING, TextIO
 
 from edgetune.errors import UserError
 
-if TYPE_CHECKING:
-    from edgetune.runtime.trainer import Trainer
+if TYPE_CHECKING:  # annotations only; session.py imports no callback
+    from edgetune.runtime.session import TrainSession
 
 
 class Callback:
-    """Base: every hook does nothing."""
+    """Base: every hook does nothing. Hooks are called in the order the callbacks were given."""
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        """Before the first step of `fit`."""
+    def on_train_begin(self, session: TrainSession) -> None:
+        """Before the first step of `Trainer.fit`."""
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        """After optimizer step `step` (counted over the model's life, from 1)."""
+    def on_step(self, session: TrainSession, step: int, loss: float) -> None:
+        """After optimizer step `step` (counted over the model's life, from 1) with its loss."""
 
-    def on_evaluate(self, trainer: Trainer, split_name: str, accuracy: float) -> None:
-        """After an accuracy measurement on a split."""
+    def on_evaluate(self, session: TrainSession, split: str, accuracy: float) -> None:
+        """After an accuracy measurement on a split ("test", "validation", ...)."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_save(self, session: TrainSession, path: str) -> None:
+        """After the trainer saved a checkpoint to `path`."""
+
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        """After the trainer went back to the state of `step` (keep-best: its test accuracy was the best)."""
+
+    def on_train_end(self, session: TrainSession) -> None:
         """After the last step of `fit` (not called when training raised)."""
 
 
@@ -46,85 +56,46 @@ class LossMonitor(Callback):
         self.stream = stream
         self.min_loss = math.inf
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+    def on_step(self, session: TrainSession, step: int, loss: float) -> None:
         self.min_loss = min(self.min_loss, loss)
         print(f"{step}: Loss is {loss:g} [min={self.min_loss:g}]", file=self.stream or sys.stdout, flush=True)
 
 
 class AccuracyMonitor(Callback):
-    """Test accuracy every `every` steps: prints the seed's line, stops when it is above `target`.
+    """Prints the seed's `accuracy on test data = A max accuracy = M` after each test evaluation."""
 
-    Args:
-        every: evaluate on the trainer's test split every this many steps (the trainer's own
-            `test_every` evaluations are printed too; one step is never evaluated twice).
-        target: stop once an accuracy is above it (None: never).
-    """
-
-    def __init__(self, every: int = 20, target: float | None = 0.9, stream: TextIO | None = None) -> None:
-        self.every, self.target, self.stream = int(every), target, stream
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
         self.max_accuracy = 0.0
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        if trainer.test is not None and self.every and step % self.every == 0:
-            trainer.evaluate("test")
-
-    def on_evaluate(self, trainer: Trainer, split_name: str, accuracy: float) -> None:
-        if split_name != "test":
+    def on_evaluate(self, session: TrainSession, split: str, accuracy: float) -> None:
+        if split != "test":
             return
         self.max_accuracy = max(self.max_accuracy, accuracy)
         print(f"accuracy on test data = {accuracy:g} max accuracy = {self.max_accuracy:g}",
               file=self.stream or sys.stdout, flush=True)
-        if self.target is not None and accuracy > self.target:
-            trainer.stop = True
 
-
-class CheckpointSaver(Callback):
-    """Saves a full checkpoint every `every` steps, as the seed's `-s`.
-
-    Args:
-        every: steps between checkpoints.
-        pattern: output path with a `{step}` field; default `<model>_trained_{step}.tod` next to
-            the file the session was loaded from. The default is never built from `meta["name"]`:
-            that is text from inside the model file (it could hold `../` or `/`), and saving
-            there would put files where nobody asked for them.
-    """
-
-    def __init__(self, every: int, pattern: str | os.PathLike | None = None) -> None:
-        if int(every) < 1:
-            raise ValueError(f"checkpoint interval must be >= 1, got {every}")
-        self.every, self.pattern = int(every), None if pattern is None else os.fspath(pattern)
-        self.saved: list[str] = []
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        if self.pattern is None and trainer.session.path is None:  # refuse before any step, not at the first save
-            raise UserError("CheckpointSaver needs a pattern for a session not loaded from a file")
-
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        if step % self.every:
-            return
-        pattern = self.pattern
-        if pattern is None:
-            stem = os.path.splitext(trainer.session.path)[0]
-            pattern = stem.replace("{", "{{").replace("}", "}}") + "_trained_{step}.tod"
-        self.saved.append(trainer.session.save(pattern.format(step=step)))
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        print(f"kept the weights of step {step} (best test accuracy {accuracy:g})", file=self.stream or sys.stdout,
+              flush=True)
 
 
 class _Schedule(Callback):
     """A learning-rate schedule: `lr = rate(step, base_lr)`, set before each step.
 
-    The base rate is kept in `record["base_lr"]` so a resumed run follows the same curve.
+    The base rate is the session's `base_learning_rate()`, kept in its record so a resumed run
+    follows the same curve.
     """
 
     def rate(self, step: int, base: float) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def on_train_begin(self, trainer: Trainer) -> None:
-        sess = trainer.session
-        self.base = float(sess.record.setdefault("base_lr", sess.learning_rate))
-        sess.learning_rate = self.rate(sess.step, self.base)
+    def on_train_begin(self, session: TrainSession) -> None:
+        self.base = session.base_learning_rate()
+        session.learning_rate = self.rate(session.step, self.base)
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        trainer.session.learning_rate = self.rate(step, self.base)
+    def on_step(self, session: TrainSession, step: int, loss: float) -> None:
+        session.learning_rate = self.rate(step, self.base)
 
 
 class StepLR(_Schedule):
@@ -164,6 +135,42 @@ class CosineLR(_Schedule):
         return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
+class Warmup(_Schedule):
+    """Linear warm-up over the first `steps` steps of the model's life (the rate of step i is base * i / steps),
+    then `then`'s rate (constant when None): large early updates on a fresh head are what warm-up tames."""
+
+    def __init__(self, steps: int, then: _Schedule | None = None) -> None:
+        if int(steps) < 1:
+            raise ValueError(f"warm-up steps must be >= 1, got {steps}")
+        self.steps, self.then = int(steps), then
+
+    def rate(self, step: int, base: float) -> float:
+        if step < self.steps:  # `step` steps are done: this is the rate of step `step + 1`
+            return base * (step + 1) / self.steps
+        return self.then.rate(step, base) if self.then is not None else base
+
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def make_schedule(name: str, total_steps: int, warmup: int = 0) -> _Schedule | None:
+    """The schedule `--schedule NAME --warmup N` asks for, over a run ending at model step `total_steps`.
+
+    `cosine` anneals to 0 at `total_steps`; `step` divides the rate by 10 at each third of it;
+    `constant` keeps it. A warm-up comes first when `warmup` > 0. None: nothing to schedule.
+
+    Raises:
+        UserError: an unknown name, or a warm-up that is negative or not shorter than the run.
+    """
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    if warmup < 0 or (warmup and warmup >= total_steps):
+        raise UserError(f"--warmup must be >= 0 and shorter than the run ({total_steps} steps), got {warmup}")
+    total = max(int(total_steps), 1)
+    schedule = {"constant": None, "cosine": CosineLR(total), "step": StepLR(max(total // 3, 1))}[name]
+    return Warmup(warmup, schedule) if warmup else schedule
+
+
 class JsonlLogger(Callback):
     """Appends one JSON object per step and per evaluation to `path` (machine-readable training log)."""
 
@@ -174,8 +181,11 @@ class JsonlLogger(Callback):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
-        self._write({"event": "step", "step": step, "loss": loss, "lr": trainer.session.learning_rate})
+    def on_step(self, session: TrainSession, step: int, loss: float) -> None:
+        self._write({"event": "step", "step": step, "loss": loss, "lr": session.learning_rate})
 
-    def on_evaluate(self, trainer: Trainer, split_name: str, accuracy: float) -> None:
-        self._write({"event": "evaluate", "step": trainer.session.step, "split": split_name, "accuracy": accuracy})
+    def on_evaluate(self, session: TrainSession, split: str, accuracy: float) -> None:
+        self._write({"event": "evaluate", "step": session.step, "split": split, "accuracy": accuracy})
+
+    def on_restore(self, session: TrainSession, step: int, accuracy: float) -> None:
+        self._write({"event": "restore", "step": step, "test_accuracy": accuracy})

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from edgetune.runtime.atomic import write_atomic
+from edgetune.runtime.bounds import OverBudget, entries_problem, memory_limit
+from edgetune.runtime.safe_read import TooLarge, UnsafeFile, read_file
 
 MAGIC = b"EDGETOD\x00"
 MAJOR, MINOR = 1, 0
@@ -189,6 +190,8 @@ def _parse_header(header_bytes: bytes) -> dict[str, Any]:
         raise HeaderError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("meta"), dict) or not isinstance(header.get("entries"), dict):
         raise HeaderError("header must be an object with 'meta' and 'entries' objects")
+    if problem := entries_problem(header["entries"]):
+        raise HeaderError(problem)
     return header
 
 
@@ -234,20 +237,24 @@ def save_file(tod: TodFile, path: str | os.PathLike) -> str:
 def load_file(path: str | os.PathLike, *, verify: bool = True) -> TodFile:
     """Read and verify a `.tod` file.
 
-    Only regular files are read: a FIFO would block forever and a device such as /dev/zero would
-    be read until memory runs out.
+    Only regular files are read (`safe_read`): a FIFO would block forever and a device such as
+    /dev/zero would be read until memory runs out. A file larger than half the memory the process
+    can get is refused before a byte is read.
 
     Raises:
         TodError: bad bytes, or not a regular file (the message names the file).
+        OverBudget: the file does not fit in memory.
         OSError: the file cannot be opened.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory, not a .tod file")
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise MagicError(f"{path}: not a regular file, so not a .tod file")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:  # read whole, then parsed into copies: at most half the memory the process can get
+        data = read_file(path, max_bytes=memory_limit(), why_cap=" (half the memory this process can get)")
+    except TooLarge as e:
+        raise OverBudget(str(e)) from None
+    except UnsafeFile as e:
+        raise MagicError(f"{e}, so not a .tod file") from None
     try:
         return load(data, verify=verify)
     except TodError as e:

@@ -1,9 +1,10 @@
-"""Just enough protobuf wire format to append the trained head to the frozen ONNX graph.
+"""Just enough protobuf wire format to append the trained module to the frozen ONNX graph.
 
 The runtime may not import the onnx package, and the edit is small: the ModelProto's GraphProto
-gets new NodeProtos (Gemm/Relu/Flatten), TensorProto initializers for the head's weights and a new
-graph output; every other field is copied byte for byte. Protobuf parsers merge repeated fields
-in any order, so appending fields to a message is a valid edit.
+gets one NodeProto per module node (its op type and attributes, as the op registry names them),
+TensorProto initializers for the parameters and constants, and a new graph output; every other
+field is copied byte for byte. Protobuf parsers merge repeated fields in any order, so appending
+fields to a message is a valid edit.
 
 Field numbers are from onnx/onnx.proto (stable since IR version 3).
 """
@@ -15,11 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from edgetune.runtime.module import Module
+from edgetune.runtime.ops import get_op
+
 # ModelProto.graph; GraphProto.{node, initializer, output}; NodeProto.{input, output, name, op_type, attribute}
 MODEL_GRAPH = 7
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_OUTPUT = 1, 5, 12
-VARINT, LEN = 0, 2
-FLOAT, ATTR_INT = 1, 2  # TensorProto.DataType.FLOAT, AttributeProto.AttributeType.INT
+VARINT, LEN, FIXED32 = 0, 2, 5
+FLOAT = 1  # TensorProto.DataType.FLOAT
+DATA_TYPES = {np.dtype("<f4"): FLOAT, np.dtype("<i8"): 7, np.dtype("<f8"): 11}  # TensorProto.DataType
+ATTR_FLOAT, ATTR_INT, ATTR_FLOATS, ATTR_INTS = 1, 2, 6, 7  # AttributeProto.AttributeType
+PREFIX = "edgetune_head/"  # the module's tensors in the exported graph: never a name of the frozen part
 
 
 class WireError(ValueError):
@@ -48,6 +55,15 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80:
             return result, pos
+
+
+def varints(payload: bytes | memoryview) -> Iterator[int]:
+    """The values of a packed repeated varint field (int32/int64 lists), as unsigned 64-bit ints."""
+    view = memoryview(payload)
+    pos = 0
+    while pos < len(view):
+        value, pos = _read_varint(view, pos)
+        yield value
 
 
 def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, Any, memoryview]]:
@@ -92,19 +108,39 @@ def _string(number: int, text: str) -> bytes:
 
 
 def tensor_proto(name: str, array: np.ndarray) -> bytes:
-    """A float32 TensorProto (dims, data_type, name, raw_data little-endian)."""
-    array = np.ascontiguousarray(array, dtype="<f4")
+    """A TensorProto (dims, data_type, name, raw_data little-endian) of a float32, int64 or float64 array."""
+    array = np.asarray(array)
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    if array.dtype not in DATA_TYPES:
+        raise WireError(f"cannot write a {array.dtype} tensor ({name})")
     dims = b"".join(_int_field(1, d) for d in array.shape)
-    return dims + _int_field(2, FLOAT) + _string(8, name) + _len_field(9, array.tobytes())
+    return dims + _int_field(2, DATA_TYPES[array.dtype]) + _string(8, name) + _len_field(9, array.tobytes())
+
+
+def attribute_proto(key: str, value: Any) -> bytes:
+    """An AttributeProto of an int, a float or a list of either (what the registered ops take)."""
+    if isinstance(value, int):
+        return _string(1, key) + _int_field(3, int(value)) + _int_field(20, ATTR_INT)
+    if isinstance(value, float):
+        return _string(1, key) + _fixed32(2, value) + _int_field(20, ATTR_FLOAT)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return _string(1, key) + b"".join(_int_field(8, int(v)) for v in value) + _int_field(20, ATTR_INTS)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return _string(1, key) + b"".join(_fixed32(7, float(v)) for v in value) + _int_field(20, ATTR_FLOATS)
+    raise WireError(f"cannot write attribute {key}={value!r}")
+
+
+def _fixed32(number: int, value: float) -> bytes:
+    return _varint(number << 3 | FIXED32) + np.float32(value).astype("<f4").tobytes()
 
 
 def node_proto(op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
-               int_attrs: Mapping[str, int] | None = None) -> bytes:
-    """A NodeProto of the default domain with integer attributes only."""
+               attributes: Mapping[str, Any] | None = None) -> bytes:
+    """A NodeProto of the default domain."""
     out = b"".join(_string(1, i) for i in inputs) + b"".join(_string(2, o) for o in outputs)
     out += _string(3, name) + _string(4, op_type)
-    for key, value in (int_attrs or {}).items():
-        out += _len_field(5, _string(1, key) + _int_field(3, value) + _int_field(20, ATTR_INT))
+    for key, value in (attributes or {}).items():
+        out += _len_field(5, attribute_proto(key, value))
     return out
 
 
@@ -122,19 +158,22 @@ def _name_of(value_info_bytes: memoryview) -> str:
     return ""
 
 
-def append_head(model: bytes, features: str, head: Sequence[Mapping[str, Any]],
-                params: Mapping[str, np.ndarray], output: str = "logits") -> bytes:
-    """The frozen ModelProto with the head appended: its only output becomes `output` (N, classes).
+def append_module(model: bytes, module: Module, num_classes: int, output: str = "logits") -> bytes:
+    """The frozen ModelProto with the trained module appended: its only output becomes `output` (N, classes).
+
+    Each node is written as its op type with the attributes that differ from the op's defaults;
+    nodes that are the identity at inference (dropout, identity) are left out. Parameters and
+    constants become initializers; the module's tensors are renamed under `PREFIX`, except its
+    input, the frozen graph's output.
 
     Args:
         model: serialized ModelProto of the frozen part.
-        features: the frozen graph's output name the head reads.
-        head: the model's `meta["head"]` ops; dropout and identity are dropped (inference).
-        params: trainable tensors by name (dense weights (out, in)).
+        module: the trained module; its input must be an output of the frozen graph.
+        num_classes: the width of `output`.
         output: the name of the new graph output.
 
     Raises:
-        WireError: the model bytes have no graph or the graph lacks the `features` output.
+        WireError: the model bytes have no graph or the graph lacks the module's input as an output.
     """
     model_fields = list(fields(model))
     graphs = [f for f in model_fields if f[0] == MODEL_GRAPH and f[1] == LEN]
@@ -142,30 +181,31 @@ def append_head(model: bytes, features: str, head: Sequence[Mapping[str, Any]],
         raise WireError(f"expected one graph in the model, found {len(graphs)}")
     graph_fields = list(fields(graphs[0][2]))
     outputs = [_name_of(v) for n, w, v, _ in graph_fields if n == GRAPH_OUTPUT and w == LEN]
-    if features not in outputs:
-        raise WireError(f"the frozen graph has no output {features!r} (outputs: {outputs})")
-    additions: list[bytes] = []
-    current, width = features, None
-    ops = [op for op in head if op["op"] not in ("dropout", "identity")]
-    if not any(op["op"] == "dense" for op in ops):
-        raise WireError("the head has no dense layer, so the number of classes is unknown")
-    for i, op in enumerate(ops):
-        name = output if i == len(ops) - 1 else f"edgetune_head/{i}"
-        if op["op"] == "dense":
-            w = params[op["weight"]]
-            width = w.shape[0]
-            inputs = [current, f"edgetune_head/{op['weight']}"]
-            additions.append(_len_field(GRAPH_INITIALIZER, tensor_proto(inputs[1], w)))
-            if op.get("bias") is not None:
-                inputs.append(f"edgetune_head/{op['bias']}")
-                additions.append(_len_field(GRAPH_INITIALIZER, tensor_proto(inputs[2], params[op["bias"]])))
-            additions.append(_len_field(GRAPH_NODE, node_proto("Gemm", inputs, [name], name, {"transB": 1})))
-        elif op["op"] in ("relu", "flatten"):
-            op_type, attrs = ("Relu", None) if op["op"] == "relu" else ("Flatten", {"axis": 1})
-            additions.append(_len_field(GRAPH_NODE, node_proto(op_type, [current], [name], name, attrs)))
-        else:
-            raise WireError(f"cannot export head op {op['op']!r}")
-        current = name
-    additions.append(_len_field(GRAPH_OUTPUT, value_info(output, ["N", width])))
+    if module.input not in outputs:
+        raise WireError(f"the frozen graph has no output {module.input!r} (outputs: {outputs})")
+    renamed = {module.input: module.input, module.output: output}
+
+    def name(tensor: str) -> str:
+        return "" if not tensor else renamed.setdefault(tensor, PREFIX + tensor)
+
+    nodes: list[bytes] = []
+    read: set[str] = set()
+    for node in module.nodes:
+        op = get_op(node.op_type)
+        if op.identity_at_inference:  # its output is its first input
+            renamed[node.outputs[0]] = name(node.inputs[0])
+            continue
+        changed = {k: v for k, v in node.attributes.items() if op.attributes.get(k) != v}
+        read.update(node.inputs)
+        out = name(node.outputs[0])
+        nodes.append(_len_field(GRAPH_NODE, node_proto(node.op_type, [name(i) for i in node.inputs], [out],
+                                                       PREFIX + (node.name or out), changed)))
+    tensors = {**{n: p.data for n, p in module.params.items()}, **module.constants}
+    additions = [_len_field(GRAPH_INITIALIZER, tensor_proto(name(t), v)) for t, v in tensors.items() if t in read]
+    additions += nodes
+    if renamed[module.output] != output:  # the module ends in a left-out node: name its input `output`
+        additions.append(_len_field(GRAPH_NODE, node_proto("Identity", [renamed[module.output]], [output],
+                                                           PREFIX + output)))
+    additions.append(_len_field(GRAPH_OUTPUT, value_info(output, ["N", num_classes])))
     graph = b"".join(bytes(raw) for n, _, _, raw in graph_fields if n != GRAPH_OUTPUT) + b"".join(additions)
     return b"".join(_len_field(MODEL_GRAPH, graph) if n == MODEL_GRAPH else bytes(raw) for n, _, _, raw in model_fields)

@@ -1,40 +1,220 @@
-"""Optimizers with exactly PyTorch's update rules, state kept in named slots so a `.tod` can carry it.
+"""The optimizer: `Optimizer` owns the step, the gradient reset, the learning rate and the state slots;
+each algorithm is one registered entry (`OPTIMIZERS`) holding its settings and its update rule.
 
-The base class owns the bookkeeping (`step`, `zero_grad`, the step counter, the slots); each
-variant implements only `update`, which reads like `torch.optim`'s documented algorithm.
+An entry is a frozen dataclass: the host builds one to write `meta["optimizer"]` (`to_meta`), the
+device reads it back (`from_meta`) and `Optimizer` applies its `update`, which reads like PyTorch's
+documented algorithm (tinygrad's shape: the base owns `step`/`zero_grad`, a variant only its rule).
+A new algorithm is one `@register_optimizer` class plus its test against torch. Slots (momentum,
+moments) are kept by name so a `.tod` carries them (`optim/<param>/<slot>`, docs/FORMAT.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from edgetune.runtime.layers import Parameter
+from edgetune.errors import UserError
+from edgetune.runtime.ops import Parameter
 
+
+class TrainingDiverged(UserError):
+    """The loss, a gradient or an updated weight is not finite: the step was not applied, so no bad weights exist."""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Base of the optimizer entries: settings (dataclass fields, `lr` first) and the update rule.
+
+    Settings are checked when the entry is made (`UserError` naming the bad one), so a bad setting
+    fails at export on the host or at load on the device, never at the first step.
+    """
+
+    name: ClassVar[str] = ""
+    slots: ClassVar[tuple[str, ...]] = ()  # per-parameter state tensors, zero in a fresh model
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # each setting has the kind of its default
+            value = getattr(self, f.name)
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise UserError(f"{self.name} {f.name} must be true or false, got {value!r}")
+            elif isinstance(f.default, tuple):
+                if not (isinstance(value, (list, tuple)) and len(value) == len(f.default)
+                        and all(_is_number(v) and math.isfinite(v) for v in value)):
+                    raise UserError(f"{self.name} {f.name} must be {len(f.default)} numbers, got {value!r}")
+                object.__setattr__(self, f.name, tuple(float(v) for v in value))
+            elif not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise UserError(f"{self.name} {f.name} must be a finite number >= 0, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between settings (all are already finite numbers >= 0 or booleans)."""
+
+    def update(self, p: Parameter, state: dict[str, np.ndarray], step: int, lr: float) -> None:
+        """Update `p.data` in place from `p.grad` and its slots; `step` counts from 1."""
+        raise NotImplementedError  # pragma: no cover - every entry implements it
+
+    @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        """The names of the settings, in `meta` order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_meta(self) -> dict[str, Any]:
+        """The `meta["optimizer"]` object (docs/FORMAT.md)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+    @staticmethod
+    def from_meta(config: Mapping[str, Any]) -> Algorithm:
+        """The entry a `meta["optimizer"]` object describes; every setting must be present.
+
+        Raises:
+            UserError: an unknown name, a missing or unknown setting, or a bad value.
+        """
+        name = config.get("name") if isinstance(config, Mapping) else None
+        if not isinstance(name, str) or name not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+        cls = OPTIMIZERS[name]
+        given, known = set(config) - {"name"}, set(cls.settings())
+        if given != known:
+            raise UserError(f"bad {name} settings {dict(config)}: missing {sorted(known - given)}, "
+                            f"unknown {sorted(given - known)}")
+        return cls(**{k: v for k, v in config.items() if k != "name"})
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+OPTIMIZERS: dict[str, type[Algorithm]] = {}
+
+
+def register_optimizer(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: enter an `Algorithm` in `OPTIMIZERS` under the name `meta["optimizer"]` uses."""
+
+    def enter(cls: type[Algorithm]) -> type[Algorithm]:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer {name} is registered twice")
+        cls.name = name
+        OPTIMIZERS[name] = cls
+        return cls
+
+    return enter
+
+
+@register_optimizer("sgd")
+@dataclass(frozen=True)
+class SGD(Algorithm):
+    """`torch.optim.SGD`: weight decay, momentum with dampening, Nesterov; buffer = grad on the first step.
+
+    The defaults are the seed's settings (momentum 0.9, dampening 0.01, lr 0.0015).
+    """
+
+    lr: float = 0.0015
+    momentum: float = 0.9
+    dampening: float = 0.01
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    slots = ("momentum_buffer",)
+
+    def check(self) -> None:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise UserError("Nesterov momentum needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
+
+    def update(self, p: Parameter, state: dict[str, np.ndarray], step: int, lr: float) -> None:
+        d_p = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+        if self.momentum:
+            buf = state["momentum_buffer"]
+            if step == 1:
+                buf[...] = d_p
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * d_p
+            d_p = d_p + self.momentum * buf if self.nesterov else buf
+        p.data -= lr * d_p
+
+
+@register_optimizer("adam")
+@dataclass(frozen=True)
+class Adam(Algorithm):
+    """`torch.optim.Adam` (not AdamW): L2 weight decay added to the gradient, bias-corrected moments."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    slots = ("exp_avg", "exp_avg_sq")
+
+    def check(self) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"Adam betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise UserError(f"Adam eps must be > 0, got {self.eps}")
+
+    def update(self, p: Parameter, state: dict[str, np.ndarray], step: int, lr: float) -> None:
+        beta1, beta2 = self.betas
+        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m += (g - m) * (1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        step_size = lr / (1 - beta1 ** step)
+        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** step) + self.eps
+        p.data -= step_size * (m / denom)
+
+
+
+@register_optimizer("adamw")
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """`torch.optim.AdamW`: Adam with decoupled weight decay, `p *= 1 - lr * weight_decay` before the step.
+
+    Adam's L2 decay passes through the moments, so a weight with large gradients is barely decayed;
+    AdamW shrinks every weight by the same factor (Loshchilov & Hutter). PyTorch's default decay, 0.01.
+    """
+
+    weight_decay: float = 1e-2
+
+    def update(self, p: Parameter, state: dict[str, np.ndarray], step: int, lr: float) -> None:
+        if self.weight_decay:
+            p.data *= 1 - lr * self.weight_decay
+        beta1, beta2 = self.betas
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m += (p.grad - m) * (1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * p.grad * p.grad
+        step_size = lr / (1 - beta1 ** step)
+        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** step) + self.eps
+        p.data -= step_size * (m / denom)
 
 class Optimizer:
-    """Updates `params` in place from their `.grad`.
+    """Updates parameters from their accumulated gradients (the shape of ONNX Runtime training's `Optimizer`).
+
+    `zero_grad` clears the gradients, the module's backward passes add to them (one batch, or
+    several for a larger virtual batch), and `step` applies one update: gradients can be inspected
+    or accumulated in between.
 
     Args:
-        params: the trainable tensors.
-        lr: learning rate; mutable through `.lr` (schedules set it between steps).
-        step_count: steps already taken (from a checkpoint); SGD's first step and Adam's bias
+        params: the parameters (a `Module`'s `parameters()`).
+        algorithm: the settings and update rule, e.g. `SGD(lr=0.01)`.
+        step_count: steps already taken (from a checkpoint): SGD's first step and Adam's bias
             correction depend on it.
     """
 
-    slots: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, params: Sequence[Parameter], lr: float, step_count: int = 0) -> None:
-        if not (lr >= 0.0 and math.isfinite(lr)):
-            raise ValueError(f"learning rate must be a finite number >= 0, got {lr}")
+    def __init__(self, params: Sequence[Parameter], algorithm: Algorithm, step_count: int = 0) -> None:
         self.params = list(params)
-        self.lr = float(lr)
+        self.algorithm = algorithm
+        self.lr = float(algorithm.lr)  # the live rate: schedules change it between steps
         self.step_count = int(step_count)
         self.state: dict[str, dict[str, np.ndarray]] = {
-            p.name: {s: np.zeros_like(p.data) for s in self.slots} for p in self.params}
+            p.name: {s: np.zeros_like(p.data) for s in algorithm.slots} for p in self.params}
 
     def zero_grad(self) -> None:
         """Clear every parameter's gradient."""
@@ -42,18 +222,46 @@ class Optimizer:
             p.grad[...] = 0
 
     def step(self) -> None:
-        """Apply one update to every parameter and count it."""
-        self.step_count += 1
-        for p in self.params:
-            self.update(p, self.state[p.name])
+        """Apply one update to every parameter and count it; kept only if every weight and slot stays finite.
 
-    def update(self, p: Parameter, state: dict[str, np.ndarray]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+        A finite gradient can still overflow float32 in the update (a huge learning rate, weights
+        near float32's max). Such a step is undone (parameters, slots and step count restored from
+        a snapshot: the trainable part is small, the copy cheap) so that no session, and hence no
+        checkpoint, ever holds an inf.
+
+        Raises:
+            TrainingDiverged: a gradient is not finite, or the update made a weight or slot non-finite;
+                nothing was changed.
+        """
+        if not all(np.isfinite(p.grad).all() for p in self.params):
+            raise self.diverged("a gradient is not finite")
+        params = [p.data.copy() for p in self.params]
+        slots = {k: v.copy() for k, v in self.state_tensors().items()}
+        self.step_count += 1
+        with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
+            for p in self.params:
+                self.algorithm.update(p, self.state[p.name], self.step_count, self.lr)
+        tensors = [p.data for p in self.params] + list(self.state_tensors().values())
+        if not all(np.isfinite(t).all() for t in tensors):
+            for p, before in zip(self.params, params):
+                p.data[...] = before
+            self.load_state(slots)
+            self.step_count -= 1
+            raise self.diverged("the update made a weight non-finite")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error for a step refused because of `what`, saying which step and what to try."""
+        return TrainingDiverged(f"training diverged at step {self.step_count + 1}: {what}; the step was not "
+                                f"applied. Try a lower --lr (now {self.lr:g})")
 
     def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Take slot values from `optim/<param>/<slot>` tensors; absent slots stay zero (a fresh model)."""
+        """Take slot values from `optim/<param>/<slot>` tensors; absent slots stay as they are (zero when fresh).
+
+        Raises:
+            ValueError: a slot of another shape than its parameter.
+        """
         for p in self.params:
-            for s in self.slots:
+            for s in self.algorithm.slots:
                 t = tensors.get(f"optim/{p.name}/{s}")
                 if t is not None:
                     if t.shape != p.data.shape:
@@ -62,75 +270,17 @@ class Optimizer:
                     self.state[p.name][s] = np.array(t, dtype=np.float32)
 
     def state_tensors(self) -> dict[str, np.ndarray]:
-        """Every slot as `optim/<param>/<slot>` tensors, for saving."""
+        """Every slot as `optim/<param>/<slot>` tensors (the live arrays), for saving."""
         return {f"optim/{name}/{s}": v for name, slots in self.state.items() for s, v in slots.items()}
 
-
-class SGD(Optimizer):
-    """`torch.optim.SGD`: weight decay, momentum with dampening, Nesterov; buffer = grad on the first step."""
-
-    slots = ("momentum_buffer",)
-
-    def __init__(self, params: Sequence[Parameter], lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, step_count: int = 0) -> None:
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening (as torch.optim.SGD)")
-        super().__init__(params, lr, step_count)
-        self.momentum, self.dampening = float(momentum), float(dampening)
-        self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
-
-    def update(self, p: Parameter, state: dict[str, np.ndarray]) -> None:
-        d_p = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
-        if self.momentum:
-            buf = state["momentum_buffer"]
-            if self.step_count == 1:
-                buf[...] = d_p
-            else:
-                buf *= self.momentum
-                buf += (1 - self.dampening) * d_p
-            d_p = d_p + self.momentum * buf if self.nesterov else buf
-        p.data -= self.lr * d_p
-
-
-
-class Adam(Optimizer):
-    """`torch.optim.Adam` (not AdamW): L2 weight decay added to the gradient, bias-corrected moments."""
-
-    slots = ("exp_avg", "exp_avg_sq")
-
-    def __init__(self, params: Sequence[Parameter], lr: float, betas: Sequence[float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, step_count: int = 0) -> None:
-        super().__init__(params, lr, step_count)
-        self.beta1, self.beta2 = (float(b) for b in betas)
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
-
-    def update(self, p: Parameter, state: dict[str, np.ndarray]) -> None:
-        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m += (g - m) * (1 - self.beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
-        v *= self.beta2
-        v += (1 - self.beta2) * g * g
-        t = self.step_count
-        step_size = self.lr / (1 - self.beta1 ** t)
-        denom = np.sqrt(v) / math.sqrt(1 - self.beta2 ** t) + self.eps
-        p.data -= step_size * (m / denom)
-
-
-
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam}
+    def __repr__(self) -> str:
+        return f"Optimizer({self.algorithm!r}, lr={self.lr:g}, step={self.step_count})"
 
 
 def make_optimizer(config: Mapping[str, Any], params: Sequence[Parameter], step_count: int = 0) -> Optimizer:
-    """Build the optimizer a model's `meta["optimizer"]` names.
+    """The optimizer a model's `meta["optimizer"]` describes, over `params`.
 
     Raises:
-        ValueError: an unknown optimizer name or a bad setting.
+        UserError: an unknown optimizer, a missing, unknown or bad setting.
     """
-    name = config.get("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
-    kwargs = {k: v for k, v in config.items() if k != "name"}
-    try:
-        return OPTIMIZERS[name](params, step_count=step_count, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad {name} settings {kwargs}: {e}") from None
+    return Optimizer(params, Algorithm.from_meta(config), step_count)

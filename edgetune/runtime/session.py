@@ -1,19 +1,26 @@
-"""`TrainSession`: a `.tod` model loaded for training and evaluation on the device.
+"""`TrainSession`: a `.tod` model loaded for training and evaluation on the device, the seed's API.
 
-The frozen part runs in onnxruntime's CPU provider; the head, the loss and the optimizer run in
-numpy (edgetune.runtime.layers / optim). The shape of the API is the seed's MindSpore Lite
-`TrainSession` (CreateSession, Train, Eval, RunGraph with an after-callback, SaveToFile) plus what
-later versions added (learning rate get/set, inference export) and the feature cache.
+The shape is the seed's MindSpore Lite `TrainSession` (CreateSession, Train, Eval, RunGraph with an
+after-callback, SaveToFile) plus what later versions added (learning rate get/set, inference
+export). Inside, four parts in the shape of ONNX Runtime's training API, each usable on its own:
+
+- `frozen`: `FrozenPart`, the frozen graph in onnxruntime and the feature cache;
+- `module`: `Module`, the trainable part (ops graph, forward/backward, gradients) and the loss;
+- `optimizer`: `Optimizer`, `step()` / `zero_grad()`, the learning rate and the slots;
+- `CheckpointState`: what a model file holds; `create` reads one, `save` writes one.
+
+`run_graph` / `run_head` are one full step (zero_grad, forward, backward, step); use `module` and
+`optimizer` directly to accumulate several batches into one update or to inspect gradients.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,45 +28,19 @@ import numpy as np
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
 from edgetune.runtime.atomic import write_atomic
-from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
-from edgetune.runtime.layers import Dropout, Parameter, Sequential, SoftmaxCrossEntropy, build_head
-from edgetune.runtime.meta import check_head, check_meta
-from edgetune.runtime.optim import make_optimizer
-from edgetune.runtime.ort import ort
+from edgetune.runtime.bounds import OverBudget
+from edgetune.runtime.cache import FeatureCache
+from edgetune.runtime.checkpoint import CheckpointState
+from edgetune.runtime.frozen import Context, FrozenPart
+from edgetune.runtime.head import head_graph
+from edgetune.runtime.meta import ModelError
+from edgetune.runtime.module import Module
+from edgetune.runtime.ops import Parameter
+from edgetune.runtime.optim import TrainingDiverged, make_optimizer
 
+__all__ = ["AfterCallback", "Context", "TensorSpec", "TrainSession", "TrainingDiverged"]
 
 AfterCallback = Callable[[dict[str, np.ndarray]], None]
-
-
-class TrainingDiverged(UserError):
-    """The loss, a gradient or an updated weight is not finite: the step was not applied, so no bad weights exist."""
-
-
-@dataclass(frozen=True)
-class Context:
-    """How a session runs.
-
-    Args:
-        threads: onnxruntime intra-op threads for the frozen part (inter-op is always 1).
-        cache: reuse each sample's frozen features (exact: the backbone is deterministic). Turn it
-            off when inputs change between epochs (augmentation) or to measure the uncached speed.
-        cache_dir: keep the cache in memory-mapped files under this directory (large sets, and
-            reuse across runs); None keeps it in memory.
-        feature_batch: at most this many images go through the frozen graph at once; bounds the
-            activation memory (Lite0, 1 thread, measured run peak: +140 MB at 16 images, +80 MB
-            at 8, +67 MB at 4) at no cost in speed. Features do not depend on it (bit-identical).
-    """
-
-    threads: int = 1
-    cache: bool = True
-    cache_dir: str | os.PathLike | None = None
-    feature_batch: int = 4
-
-    def __post_init__(self) -> None:
-        if int(self.threads) < 1:
-            raise UserError(f"threads must be >= 1, got {self.threads}")
-        if int(self.feature_batch) < 1:
-            raise UserError(f"feature_batch must be >= 1, got {self.feature_batch}")
 
 
 class TensorSpec(NamedTuple):
@@ -71,57 +52,56 @@ class TensorSpec(NamedTuple):
 
 
 class TrainSession:
-    """A loaded model: frozen ONNX part + numpy head + optimizer + training record.
+    """A loaded model: frozen part + trainable module + optimizer + training record.
 
     Create it with `TrainSession.create(path)`. Starts in train mode like the seed's session after
     `Train()`; `eval()` switches dropout off and makes `run_graph` forward-only.
+
+    Args:
+        tod: the model file's content.
+        ctx: threads and cache settings.
+        path: where it was read from (names the default checkpoint files; None for an in-memory model).
+
+    Raises:
+        ModelError: the content cannot be trained (what is wrong, in words); a `TodError`.
     """
 
     def __init__(self, tod: tod_format.TodFile, ctx: Context, path: str | None = None) -> None:
-        self.ctx = ctx
-        self.path = path
-        self._meta = copy.deepcopy(tod.meta)
+        self.ctx, self.path = ctx, path
         try:
-            self._init_from(tod)
-        except (KeyError, TypeError, ValueError) as e:
+            self._load(CheckpointState.from_tod(tod))
+        except OverBudget:  # the file may be fine: this process cannot afford it, and says so
+            raise
+        except (ModelError, ValueError, UserError) as e:  # what the checks raise for a file they refuse
             where = f"{path}: " if path else ""
-            detail = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"  # ours say what is wrong
-            raise tod_format.HeaderError(f"{where}not a usable model: {detail}") from None
+            raise ModelError(f"{where}not a usable model: {e}") from None
         self.loss = math.nan
         self.logits = np.zeros((0, self.num_classes), np.float32)
         self.training = True
-        self._head.train(True)
+        self.module.train()
 
-    def _init_from(self, tod: tod_format.TodFile) -> None:
-        """Build the session from the file; every inconsistency raises here, at load, not mid-training."""
-        meta = self._meta
-        check_meta(meta, tod.tensors)
+    def _load(self, state: CheckpointState) -> None:
+        """Build the parts from the file; every inconsistency raises here, at load, not mid-training."""
+        meta = self._meta = state.meta
         frozen = meta["frozen"]
-        if frozen["blob"] not in tod.blobs:
-            raise ValueError(f"frozen.blob {frozen['blob']!r} is not in the file (it has {sorted(tod.blobs)})")
-        self._frozen_blob = tod.blobs[frozen["blob"]]
-        self.model_sha256 = hashlib.sha256(self._frozen_blob).hexdigest()
-        self._frozen_io = (frozen["input"], frozen["output"])
-        self.params = {n: Parameter(n, tod.tensors[f"param/{n}"]) for n in meta["trainable"]}
-        self.dropout_rng = np.random.Generator(np.random.PCG64(0))
-        state = meta["training"].get("dropout_rng_state")
-        if state is not None:
-            self.dropout_rng.bit_generator.state = state
-        self._head = build_head(meta["head"], self.params, self.dropout_rng)
-        self._has_dropout = any(isinstance(layer, Dropout) for layer in self._head.layers)
-        check_head(self._head.layers, frozen.get("features"), meta["num_classes"])
-        if meta.get("loss", "softmax_cross_entropy") != "softmax_cross_entropy":
-            raise ValueError(f"unsupported loss {meta['loss']!r} (only softmax_cross_entropy)")
-        self._loss = SoftmaxCrossEntropy()
+        self.frozen = FrozenPart(state.frozen_graph, frozen["input"], frozen["output"], meta["input"]["shape"],
+                                 frozen.get("features"), meta["preprocessing"], self.ctx)
+        params = {n: Parameter(n, v) for n, v in state.parameters.items()}
+        rng = np.random.Generator(np.random.PCG64(0))
+        if meta["training"].get("dropout_rng_state") is not None:
+            rng.bit_generator.state = meta["training"]["dropout_rng_state"]
+        nodes, constants = head_graph(meta["head"], frozen["output"], state.parameters)
+        self.module = Module(nodes, params, frozen["output"], nodes[-1].outputs[0], constants,
+                             meta.get("loss", "softmax_cross_entropy"), rng)
+        if self.frozen.width is not None:
+            self.module.check(self.frozen.width, meta["num_classes"])
         step = meta.get("optimizer_step", 0)
-        self._optimizer = make_optimizer(meta["optimizer"], list(self.params.values()), step)
-        self._optimizer.load_state(tod.tensors)
-        absent = [name for name in self._optimizer.state_tensors() if name not in tod.tensors]
+        self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step)
+        self.optimizer.load_state(state.optimizer_state)
+        absent = [name for name in self.optimizer.state_tensors() if name not in state.optimizer_state]
         if step > 0 and absent:  # zeros would silently restart momentum / Adam moments mid-run
-            raise ValueError(f"the model took {step} optimizer steps but has no optimizer state {absent[0]}")
-        self._ort = _inference_session(self._frozen_blob, self.ctx.threads)
-        _check_frozen_graph(self._ort, self._frozen_io, meta["input"]["shape"], frozen.get("features"))
-        self._cache: FeatureCache | None = None
+            raise ModelError(f"the model took {step} optimizer steps but has no optimizer state {absent[0]}")
+        self._has_dropout = any(node.op_type == "Dropout" for node in self.module.nodes)
 
     @classmethod
     def create(cls, path: str | os.PathLike, ctx: Context | None = None) -> TrainSession:
@@ -132,8 +112,8 @@ class TrainSession:
             ctx: threads and cache settings; defaults to `Context()`.
 
         Raises:
-            TodError: the file is damaged or not a model.
-            FileNotFoundError: no such file.
+            TodError: the file is damaged (a `format` error) or not a usable model (`ModelError`).
+            OSError: no such file, or it cannot be read.
         """
         path = os.fspath(path)
         return cls(tod_format.load_file(path), ctx or Context(), path)
@@ -141,13 +121,17 @@ class TrainSession:
     # --- what the model is -------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        """The model's metadata (docs/FORMAT.md); `meta["training"]` is the live `record`."""
-        return self._meta
+        """A copy of the model's metadata (docs/FORMAT.md); change the model through the session."""
+        return copy.deepcopy(self._meta)
 
     @property
-    def record(self) -> dict[str, Any]:
-        """The training record (`meta["training"]`): mutable, saved with the model."""
-        return self._meta["training"]
+    def record(self) -> Mapping[str, Any]:
+        """The training record, read-only (`meta["training"]`, docs/FORMAT.md); saved with the model.
+
+        The session writes it: the step count after each step, and what `record_accuracy`,
+        `record_data_order`, `base_learning_rate` and `save` are told.
+        """
+        return MappingProxyType(self._meta["training"])
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -163,7 +147,7 @@ class TrainSession:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes the head predicts."""
+        """Number of classes the model predicts."""
         return int(self._meta["num_classes"])
 
     @property
@@ -177,9 +161,19 @@ class TrainSession:
         return self._meta["preprocessing"]
 
     @property
-    def head(self) -> Sequential:
-        """The numpy head, for inspection (its repr shows the layers)."""
-        return self._head
+    def model_sha256(self) -> str:
+        """sha256 of the frozen graph: identifies the backbone (and keys the feature cache)."""
+        return self.frozen.sha256
+
+    @property
+    def params(self) -> dict[str, Parameter]:
+        """The trainable parameters by name (live: `.data` and `.grad`)."""
+        return self.module.params
+
+    @property
+    def head(self) -> Module:
+        """The trainable part, for inspection (its repr shows the ops)."""
+        return self.module
 
     @property
     def predictions(self) -> np.ndarray:
@@ -189,18 +183,29 @@ class TrainSession:
     @property
     def learning_rate(self) -> float:
         """The optimizer's current learning rate; settable between steps (schedules), saved with the model."""
-        return self._optimizer.lr
+        return self.optimizer.lr
 
     @learning_rate.setter
     def learning_rate(self, lr: float) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise UserError(f"learning rate must be a finite number >= 0, got {lr!r}")
-        self._optimizer.lr = float(lr)
+        self.optimizer.lr = float(lr)
+
+    @property
+    def weight_decay(self) -> float:
+        """The optimizer's weight decay (PyTorch semantics per optimizer); settable between steps, saved with the model."""
+        return float(self.optimizer.algorithm.weight_decay)
+
+    @weight_decay.setter
+    def weight_decay(self, value: float) -> None:
+        if not (type(value) in (int, float) and math.isfinite(value) and value >= 0):
+            raise UserError(f"weight decay must be a finite number >= 0, got {value!r}")
+        self.optimizer.algorithm = dataclasses.replace(self.optimizer.algorithm, weight_decay=float(value))
 
     @property
     def step(self) -> int:
         """Optimizer steps taken over the model's whole life (kept across checkpoints)."""
-        return self._optimizer.step_count
+        return self.optimizer.step_count
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Copies of the trainable tensors by name (to average across devices, inspect, or compare)."""
@@ -231,19 +236,39 @@ class TrainSession:
 
     def seed(self, seed: int) -> None:
         """Reseed the dropout generator (a fresh run; a checkpoint restores its saved state instead)."""
-        self.dropout_rng.bit_generator.state = np.random.PCG64(np.random.SeedSequence([int(seed), 1])).state
+        self.module.rng.bit_generator.state = np.random.PCG64(np.random.SeedSequence([int(seed), 1])).state
+
+    # --- the training record (docs/FORMAT.md `training`): written here only ----------------------
+    def record_accuracy(self, split: str, accuracy: float) -> None:
+        """Keep an accuracy: the best on "test" (`best_test_accuracy`), the last on "validation"."""
+        record = self._meta["training"]
+        if split == "test":
+            best = record.get("best_test_accuracy")
+            record["best_test_accuracy"] = accuracy if best is None else max(best, accuracy)
+        elif split == "validation":
+            record["validation_accuracy"] = accuracy
+
+    def record_data_order(self, *, seed: int | None = None, rng_state: dict[str, Any] | None = None,
+                          data_cursor: int | None = None) -> None:
+        """Keep the data order's seed, or where it stands (the epoch's generator state, the position in it)."""
+        given = {"seed": seed, "rng_state": rng_state, "data_cursor": data_cursor}
+        self._meta["training"].update((k, v) for k, v in given.items() if v is not None)
+
+    def base_learning_rate(self) -> float:
+        """The rate schedules scale: the learning rate when the first schedule began, kept for resume."""
+        return float(self._meta["training"].setdefault("base_lr", self.learning_rate))
 
     # --- modes ------------------------------------------------------------------------------
     def train(self) -> TrainSession:
         """Train mode: dropout on, `run_graph`/`run_head` take an optimizer step."""
         self.training = True
-        self._head.train(True)
+        self.module.train()
         return self
 
     def eval(self) -> TrainSession:
         """Eval mode: dropout off, forward only."""
         self.training = False
-        self._head.train(False)
+        self.module.eval()
         return self
 
     # --- running ------------------------------------------------------------------------------
@@ -273,29 +298,19 @@ class TrainSession:
         Returns:
             (N, F) float32 features.
         """
-        data = self._check_data(data)
-        if not self.ctx.cache:
-            return self._run_frozen(data)
-        if keys is None:
-            keys = content_keys(data)
-        elif len(keys) != len(data):
-            raise UserError(f"{len(keys)} cache keys for {len(data)} samples")
-        cache = self.feature_cache
-        rows = cache.get_many(keys)
-        missing = [i for i, r in enumerate(rows) if r is None]
-        if missing:
-            fresh = self._run_frozen(data[missing])
-            cache.put_many([keys[i] for i in missing], fresh)
-            for j, i in enumerate(missing):
-                rows[i] = fresh[j]
-        return np.stack(rows).astype(np.float32, copy=False)
+        return self.frozen.features(data, keys)
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        """The feature cache of this model (created on first use)."""
+        return self.frozen.cache
 
     def run_head(self, features: np.ndarray, labels: np.ndarray | None = None,
                  after_callback: AfterCallback | None = None) -> dict[str, np.ndarray]:
         """`run_graph` from already extracted features: forward, and in train mode backward + step.
 
         Raises:
-            TrainingDiverged: the loss or a gradient is not finite; no step was taken.
+            TrainingDiverged: the loss, a gradient or the update is not finite; no step was taken.
             UserError: labels missing in train mode or of the wrong shape.
         """
         features = np.ascontiguousarray(features, dtype=np.float32)
@@ -304,51 +319,18 @@ class TrainSession:
         onehot = None if labels is None else self._one_hot(labels, features.shape[0])
         if self.training and onehot is None:
             raise UserError("train mode needs labels (call eval() for inference)")
-        self._optimizer.zero_grad()
-        logits = self._head(features)
-        outputs = {"logits": logits}
-        self.loss = math.nan
-        if onehot is not None:
-            loss = self._loss.forward(logits, onehot)
-            outputs["loss"] = np.asarray(loss, dtype=np.float32)
-            self.loss = float(loss)
-            if self.training:
-                self._train_step()
-        self.logits = logits
+        self.optimizer.zero_grad()
+        outputs = self.module(features, onehot)
+        self.loss = self.module.loss
+        if self.training:
+            if not math.isfinite(self.loss):
+                raise self.optimizer.diverged(f"loss is {self.loss}")
+            self.optimizer.step()
+            self._meta["training"]["steps"] = self.step
+        self.logits = outputs["logits"]
         if after_callback is not None:
             after_callback(outputs)
         return outputs
-
-    def _train_step(self) -> None:
-        """Backward and one optimizer step, kept only if every weight and slot stays finite.
-
-        A finite loss and finite gradients can still overflow float32 in the update itself (a
-        huge learning rate, weights near float32's max). Such a step is undone (parameters, slots
-        and step count restored from a snapshot: the head is small, the copy is cheap) and
-        refused like a NaN loss, so no session, and hence no checkpoint, ever holds an inf.
-        """
-        if not math.isfinite(self.loss):
-            raise TrainingDiverged(self._diverged(f"loss is {self.loss}"))
-        self._head.backward(self._loss.backward())
-        if not all(np.isfinite(p.grad).all() for p in self.params.values()):
-            raise TrainingDiverged(self._diverged("a gradient is not finite"))
-        params = {n: p.data.copy() for n, p in self.params.items()}
-        slots = {k: v.copy() for k, v in self._optimizer.state_tensors().items()}
-        step = self._optimizer.step_count
-        with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
-            self._optimizer.step()
-        tensors = [p.data for p in self.params.values()] + list(self._optimizer.state_tensors().values())
-        if not all(np.isfinite(t).all() for t in tensors):
-            for n, p in self.params.items():
-                p.data[...] = params[n]
-            self._optimizer.load_state(slots)
-            self._optimizer.step_count = step
-            raise TrainingDiverged(self._diverged("the update made a weight non-finite"))
-        self.record["steps"] = self.step
-
-    def _diverged(self, what: str) -> str:
-        return (f"training diverged at step {self.step + 1}: {what}; the step was not applied. "
-                f"Try a lower --lr (now {self.learning_rate:g})")
 
     def _one_hot(self, labels: np.ndarray, n: int) -> np.ndarray:
         labels = np.asarray(labels)
@@ -364,33 +346,47 @@ class TrainSession:
                             f"got {labels.dtype} {labels.shape}")
         return labels.astype(np.float32, copy=False)
 
-    def _check_data(self, data: np.ndarray) -> np.ndarray:
-        data = np.asarray(data)
-        want = tuple(self._meta["input"]["shape"][1:])
-        if data.ndim != 1 + len(want) or tuple(data.shape[1:]) != want or data.shape[0] == 0:
-            raise UserError(f"data must be (N, {', '.join(map(str, want))}), got shape {data.shape}")
-        if data.dtype != np.float32:
-            raise UserError(f"data must be float32 (preprocessed images), got {data.dtype}")
-        return np.ascontiguousarray(data)
-
-    def _run_frozen(self, data: np.ndarray) -> np.ndarray:
-        sess = self._ort
-        name_in, name_out = self._frozen_io
-        step = self.ctx.feature_batch
-        parts = [sess.run([name_out], {name_in: data[i:i + step]})[0] for i in range(0, len(data), step)]
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return out.reshape(len(data), -1).astype(np.float32, copy=False)
-
-    @property
-    def feature_cache(self) -> FeatureCache:
-        """The feature cache of this model (created on first use)."""
-        if self._cache is None:
-            ns = namespace_for(self.model_sha256, self.preprocessing, self._frozen_io[1])
-            width = self._meta["frozen"].get("features")
-            self._cache = FeatureCache(ns, self.ctx.cache_dir, width if isinstance(width, int) else None)
-        return self._cache
-
     # --- saving -------------------------------------------------------------------------------
+    def checkpoint_state(self) -> CheckpointState:
+        """What `save` writes now: a copy of the meta (learning rate, optimizer step, dropout
+        generator and record brought up to date), the parameters, the optimizer slots, the frozen graph.
+
+        An unchanged model gives back its own content, so its file round-trips byte for byte.
+        """
+        meta = copy.deepcopy(self._meta)
+        if self.optimizer.lr != meta["optimizer"].get("lr"):
+            meta["optimizer"]["lr"] = self.optimizer.lr
+        if self.weight_decay != meta["optimizer"].get("weight_decay"):
+            meta["optimizer"]["weight_decay"] = self.weight_decay
+        if self.step != meta.get("optimizer_step", 0):
+            meta["optimizer_step"] = self.step
+        if self._has_dropout and (self.step > 0 or "dropout_rng_state" in meta["training"]):
+            meta["training"]["dropout_rng_state"] = self.module.rng.bit_generator.state
+        return CheckpointState(meta, self.parameters(),
+                               {k: v.copy() for k, v in self.optimizer.state_tensors().items()},
+                               self.frozen.blob)
+
+    def restore(self, state: CheckpointState) -> None:
+        """Go back to an earlier `checkpoint_state()` of this same model (keep-best, a rejected trial).
+
+        Parameters, optimizer slots, step and settings, the training record and the dropout generator
+        all return to what they were, so saving now writes the file that a save then would have.
+
+        Raises:
+            UserError: the state is of another model (its frozen graph or trainable tensors differ).
+        """
+        if state.frozen_graph is not self.frozen.blob and state.frozen_graph != self.frozen.blob:
+            raise UserError("cannot restore the state of another model (its frozen graph differs)")
+        self.load_parameters(state.parameters)
+        self.optimizer.load_state(state.optimizer_state)
+        self.optimizer.step_count = int(state.meta.get("optimizer_step", 0))
+        self.optimizer.algorithm = type(self.optimizer.algorithm).from_meta(state.meta["optimizer"])
+        self.optimizer.lr = float(state.meta["optimizer"]["lr"])
+        self._meta["training"] = copy.deepcopy(state.meta["training"])
+        rng_state = state.meta["training"].get("dropout_rng_state")
+        if rng_state is not None:
+            self.module.rng.bit_generator.state = rng_state
+
     def save(self, path: str | os.PathLike) -> str:
         """Write a full checkpoint (params, optimizer slots and step, lr, record) atomically.
 
@@ -399,17 +395,7 @@ class TrainSession:
         Returns:
             The path written.
         """
-        meta = copy.deepcopy(self._meta)
-        if self._optimizer.lr != meta["optimizer"].get("lr"):
-            meta["optimizer"]["lr"] = self._optimizer.lr
-        if self.step != meta.get("optimizer_step", 0):
-            meta["optimizer_step"] = self.step
-        if self._has_dropout and (self.step > 0 or "dropout_rng_state" in meta["training"]):
-            meta["training"]["dropout_rng_state"] = self.dropout_rng.bit_generator.state
-        tensors = {f"param/{n}": p.data.copy() for n, p in self.params.items()}
-        tensors.update(self._optimizer.state_tensors())
-        blobs = {self._meta["frozen"]["blob"]: self._frozen_blob}
-        return tod_format.save_file(tod_format.TodFile(meta=meta, tensors=tensors, blobs=blobs), path)
+        return self.checkpoint_state().save(path)
 
     def export_inference(self, path: str | os.PathLike) -> str:
         """Write one standard ONNX classifier: frozen graph + trained head, input data -> `logits`.
@@ -420,50 +406,10 @@ class TrainSession:
         Returns:
             The path written.
         """
-        from edgetune.runtime.onnx_wire import append_head  # only export needs the protobuf writer
+        from edgetune.runtime.onnx_wire import append_module  # only export needs the protobuf writer
 
-        model = append_head(self._frozen_blob, self._frozen_io[1], self._meta["head"],
-                            {n: p.data for n, p in self.params.items()}, output="logits")
-        return write_atomic(path, model)
+        return write_atomic(path, append_module(self.frozen.blob, self.module, self.num_classes, output="logits"))
 
     def __repr__(self) -> str:
         mode = "train" if self.training else "eval"
-        return f"TrainSession({self.path!r}, {mode}, step={self.step}, head={self._head!r})"
-
-
-def _check_frozen_graph(sess: ort.InferenceSession, io: tuple[str, str], input_shape: list[int],
-                        features: int | None) -> None:
-    """The graph must have the meta's input and output names, and (where its dims are fixed) take
-    the meta's image shape and give `features` values per image: else the first batch would fail
-    inside onnxruntime, or features of another width would reach the head."""
-    inputs = {i.name: i.shape for i in sess.get_inputs()}
-    outputs = {o.name: o.shape for o in sess.get_outputs()}
-    if io[0] not in inputs or io[1] not in outputs:
-        raise ValueError(f"the frozen graph has no input {io[0]!r} / output {io[1]!r} "
-                         f"(it has inputs {sorted(inputs)}, outputs {sorted(outputs)})")
-    got, want = list(inputs[io[0]]), [None, *input_shape[1:]]
-    if len(got) != len(want) or any(isinstance(g, int) and w is not None and g != w for g, w in zip(got, want)):
-        raise ValueError(f"the frozen graph takes {got}, the meta's input shape is {input_shape}")
-    dims = list(outputs[io[1]])[1:]  # per image; the runtime flattens them
-    width = math.prod(dims) if all(isinstance(d, int) for d in dims) else None
-    if features is not None and width is not None and width != features:
-        raise ValueError(f"the frozen graph gives {width} features, the meta says {features} frozen features")
-
-
-def _inference_session(blob: bytes, threads: int) -> ort.InferenceSession:
-    """onnxruntime CPU session for the frozen graph: `threads` intra-op, 1 inter-op, sequential.
-
-    Optimization level: measured on Lite0 (1 thread), start-up is 0.08 s with basic rewrites vs
-    0.13 s with all, but inference is 2x faster with all (its NCHWc conv layouts): 32 images in
-    2.9 s basic vs 1.1-1.4 s all. Start-up is paid once, inference on every image, so: all.
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-        raise ValueError(f"onnxruntime cannot load the frozen graph: {e}") from None
+        return f"TrainSession({self.path!r}, {mode}, step={self.step}, {self.module!r})"

@@ -1,23 +1,29 @@
 """`Trainer`: the seed's train loop (net_runner's TrainLoop) over a session, a Split and callbacks.
 
+The trainer owns every decision of the loop: the data order, when to evaluate (`test_every`), when
+to save a checkpoint (`save_every`), when to stop (`target_accuracy`). Callbacks are told what
+happened (`edgetune.runtime.callbacks`) and never steer. Each step runs in this order: the
+optimizer step, `on_step` (the loss line), the test evaluation if due (`on_evaluate`: the accuracy
+line), the checkpoint if due (so it holds that evaluation; `on_save`), then the stop if the target
+was reached.
+
 Data order is reproducible and resumable: epochs of a seeded PCG64 permutation of the train split,
-with the generator state at the start of the current epoch and the position in it (`data_cursor`)
-kept in `session.record`, so a checkpoint continues exactly where it stopped. Images are decoded
-only for samples whose features are not cached yet, a batch at a time (never the whole set).
+with the generator state at the start of the current epoch and the position in it kept in the
+session's record, so a checkpoint continues exactly where it stopped. Images are decoded only for
+samples whose features are not cached yet, a batch at a time (never the whole set).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgetune.errors import UserError
+from edgetune.runtime.callbacks import Callback
 from edgetune.runtime.session import AfterCallback, TrainingDiverged, TrainSession
-
-if TYPE_CHECKING:
-    from edgetune.runtime.callbacks import Callback
 
 __all__ = ["Split", "Trainer", "TrainingDiverged"]
 
@@ -37,39 +43,60 @@ class Split(Protocol):
 
 
 class Trainer:
-    """Train a session's head on a split, evaluating and calling callbacks as the seed's loop does.
+    """Train a session's trainable part on a split, evaluating, saving and stopping as the seed's loop does.
 
     Args:
         session: the model; it is put in train mode by `fit` and eval mode while measuring accuracy.
         train: the split batches are drawn from.
         test: the split `test_every` evaluations run on (None: no periodic evaluation).
-        callbacks: `Callback` objects, called in order at each hook.
+        callbacks: `Callback` objects, told of each step, evaluation and checkpoint, in order.
         seed: seeds the data order and dropout of a fresh run; a checkpoint whose record already
             holds a data-order state continues from that state instead.
         test_every: evaluate on `test` every this many steps (0: never).
         target_accuracy: stop once a test accuracy is above this (None: never), as the seed's 0.9.
         progress: called as `progress(what, done, total)` while streaming a split through the model.
         after_callback: passed to every training step's `run_head` (the seed's verbose mode).
+        save_every: save a full checkpoint every this many steps (0: never), as the seed's `-s`.
+        keep_best: at the end of `fit`, go back to the state of the step with the best test accuracy
+            (ties: the earlier step; the last step is evaluated too), so the model saved after
+            training is the best one measured, not the last. Callbacks are told by `on_restore`.
+        checkpoint_pattern: checkpoint path with a `{step}` field; default `<model>_trained_{step}.tod`
+            next to the file the session was loaded from. The default is never built from
+            `meta["name"]`: that is text from inside the model file (it could hold `../` or `/`),
+            and saving there would put files where nobody asked for them.
+
+    Raises:
+        UserError: an empty train split, a negative interval, or checkpoints asked of a session
+            not loaded from a file without a pattern.
     """
 
     def __init__(self, session: TrainSession, train: Split, test: Split | None = None, *,
                  callbacks: Sequence[Callback] = (), seed: int = 0, test_every: int = 20,
                  target_accuracy: float | None = 0.9, progress: Progress | None = None,
-                 after_callback: AfterCallback | None = None) -> None:
+                 after_callback: AfterCallback | None = None, save_every: int = 0,
+                 checkpoint_pattern: str | os.PathLike | None = None, keep_best: bool = False) -> None:
         if len(train) == 0:
             raise UserError("the train split is empty: nothing to train on")
+        if int(save_every) < 0 or int(test_every) < 0:
+            raise UserError(f"save_every and test_every must be >= 0, got {save_every} and {test_every}")
         self.session, self.train, self.test = session, train, test
         self.callbacks = list(callbacks)
         self.test_every, self.target_accuracy, self.progress = int(test_every), target_accuracy, progress
         self.after_callback = after_callback
+        self.save_every = int(save_every)
+        self.checkpoint_pattern = _checkpoint_pattern(session, checkpoint_pattern) if self.save_every else None
+        self.saved: list[str] = []
         self.stop = False
-        self._evaluated: dict[str, tuple[int, float]] = {}
+        self.keep_best = bool(keep_best)
+        if self.keep_best and test is None:
+            raise UserError("keep_best needs a test split to measure which step is best")
+        self.best: tuple[int, float] | None = None  # (step, test accuracy) of the state kept by keep_best
         record = session.record
         if record.get("rng_state") is None:
-            record["seed"] = int(seed)
             self._rng = np.random.Generator(np.random.PCG64(int(seed)))
             session.seed(int(seed))
             self._new_epoch()
+            session.record_data_order(seed=int(seed))
         else:
             self._rng = np.random.Generator(np.random.PCG64())
             self._rng.bit_generator.state = record["rng_state"]
@@ -95,7 +122,7 @@ class Trainer:
         return idx
 
     def fit(self, cycles: int) -> Trainer:
-        """Take up to `cycles` optimizer steps (fewer if a callback or the target stops training).
+        """Take up to `cycles` optimizer steps (fewer if the target accuracy is reached).
 
         Raises:
             TrainingDiverged: a non-finite loss, gradient or updated weight; the step was not applied
@@ -104,48 +131,62 @@ class Trainer:
         if cycles < 0:
             raise UserError(f"cycles must be >= 0, got {cycles}")
         self.stop = False
-        self.session.train()
-        self._call("on_train_begin", self)
+        session = self.session
+        session.train()
+        self._tell("on_train_begin", session)
+        best = None  # (accuracy, step, state) of the best evaluation so far, with keep_best
+        last = None  # (step, accuracy) of the last test evaluation
         for _ in range(cycles):
             idx = self._next_batch()
-            features = self._features(self.train, idx)
-            self.session.run_head(features, self.train.labels[idx], self.after_callback)
-            step = self.session.step
-            self.session.record.update(rng_state=self._epoch_state, data_cursor=self._cursor)
-            self._call("on_step_end", self, step, self.session.loss)
+            session.run_head(self._features(self.train, idx), self.train.labels[idx], self.after_callback)
+            step = session.step
+            session.record_data_order(rng_state=self._epoch_state, data_cursor=self._cursor)
+            self._tell("on_step", session, step, session.loss)
             if self.test is not None and self.test_every and step % self.test_every == 0:
                 accuracy = self.evaluate("test")
-                if self.target_accuracy is not None and accuracy > self.target_accuracy:
-                    self.stop = True
+                last = (step, accuracy)
+                self.stop = self.target_accuracy is not None and accuracy > self.target_accuracy
+                if self.keep_best and (best is None or accuracy > best[0]):
+                    best = (accuracy, step, session.checkpoint_state())
+            if self.save_every and step % self.save_every == 0:
+                path = session.save(self.checkpoint_pattern.format(step=step))
+                self.saved.append(path)
+                self._tell("on_save", session, path)
             if self.stop:
                 break
+        if self.keep_best and cycles > 0:
+            self._keep_best(best, last)
         self._flush_cache()
-        self._call("on_train_end", self)
+        self._tell("on_train_end", session)
         return self
 
+    def _keep_best(self, best: tuple[float, int, Any] | None, last: tuple[int, float] | None) -> None:
+        """Evaluate the last step if it was not, then go back to the best state (ties: the earlier)."""
+        session = self.session
+        final = last[1] if last is not None and last[0] == session.step else self.evaluate("test")
+        if best is None or final > best[0]:
+            self.best = (session.step, final)
+            return
+        accuracy, step, state = best
+        self.best = (step, accuracy)
+        if step != session.step:
+            session.restore(state)
+            self._tell("on_restore", session, step, accuracy)
+
     def evaluate(self, name: str = "test", split: Split | None = None) -> float:
-        """Accuracy on a named split, told to every callback's `on_evaluate` once per step.
+        """Accuracy on a named split, kept in the session's record and told to every callback.
 
         Args:
-            name: "test" (default split `self.test`, best kept in `record["best_test_accuracy"]`),
-                "validation" (kept in `record["validation_accuracy"]`) or any other label.
+            name: "test" (default split `self.test`; the best is kept as `best_test_accuracy`),
+                "validation" (kept as `validation_accuracy`) or any other label.
             split: the split; required unless `name` is "test" or "train".
         """
         split = split if split is not None else {"test": self.test, "train": self.train}.get(name)
         if split is None:
             raise UserError(f"no {name} split to evaluate")
-        step = self.session.step
-        if self._evaluated.get(name, (None,))[0] == step:
-            return self._evaluated[name][1]
         accuracy = self.accuracy(split)
-        self._evaluated[name] = (step, accuracy)
-        record = self.session.record
-        if name == "test":
-            best = record.get("best_test_accuracy")
-            record["best_test_accuracy"] = accuracy if best is None else max(best, accuracy)
-        elif name == "validation":
-            record["validation_accuracy"] = accuracy
-        self._call("on_evaluate", self, name, accuracy)
+        self.session.record_accuracy(name, accuracy)
+        self._tell("on_evaluate", self.session, name, accuracy)
         return accuracy
 
     def accuracy(self, split: Split) -> float:
@@ -173,7 +214,7 @@ class Trainer:
         if self.session.ctx.cache:
             self.session.feature_cache.flush()
 
-    def _chunks(self, split: Split, what: str, size: int = 64):
+    def _chunks(self, split: Split, what: str, size: int = 64) -> Iterator[np.ndarray]:
         n = len(split)
         for start in range(0, n, size):
             yield np.arange(start, min(start + size, n))
@@ -197,6 +238,16 @@ class Trainer:
                 rows[j] = fresh[k]
         return np.stack(rows).astype(np.float32, copy=False)
 
-    def _call(self, hook: str, *args: Any) -> None:
+    def _tell(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
+
+
+def _checkpoint_pattern(session: TrainSession, pattern: str | os.PathLike | None) -> str:
+    """The checkpoint path pattern: the given one, or `<model>_trained_{step}.tod` next to the model file."""
+    if pattern is not None:
+        return os.fspath(pattern)
+    if session.path is None:  # refused before any step, not at the first save
+        raise UserError("checkpoints of a session not loaded from a file need a checkpoint_pattern")
+    stem = os.path.splitext(session.path)[0]
+    return stem.replace("{", "{{").replace("}", "}}") + "_trained_{step}.tod"

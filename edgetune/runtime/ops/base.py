@@ -41,7 +41,10 @@ class Op:
 
     op_type: ClassVar[str] = ""
     attributes: ClassVar[Mapping[str, Any]] = {}  # accepted ONNX attributes and their defaults
+    identity_at_inference: ClassVar[bool] = False  # passes its first input through in eval mode (Dropout):
+    # the inference export leaves such a node out
     training: bool = True
+    rng: np.random.Generator | None = None  # set by the module: the one generator random ops draw from
 
     def __init__(self, **attrs: Any) -> None:
         unknown = sorted(set(attrs) - set(self.attributes))

@@ -1,0 +1,231 @@
+"""`Module`: the trainable part, a small graph of ops run in numpy, with its loss.
+
+A graph is ONNX's shape without the bytes: nodes of registered op types (`edgetune.runtime.ops`)
+read and write named tensors. The module's input is the cut tensor the frozen part gives, its
+output the logits; nodes also read parameters (trained), and constants (a dropout ratio, a shape).
+`forward` runs the nodes in topological order; `backward` runs them in reverse, adding each
+parameter's gradient into `Parameter.grad` and summing the gradients of a tensor several nodes read
+(a residual branch). A tensor no parameter depends on (the cut, a constant) never gets a gradient:
+each op is told through `needs_grad` which of its inputs need one.
+
+Gradients accumulate until `zero_grad`, as in torch and ONNX Runtime training, so several batches
+can make one optimizer step (`Optimizer.step`); see `__call__` for the exact semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgetune.runtime.ops import Op, Parameter, get_loss, get_op
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op of the graph: its ONNX op type, attributes, and the tensors it reads and writes.
+
+    An input named "" is an optional input left out (ONNX's convention). Only the first output is
+    computed; the others (e.g. Dropout's mask) must not be read by other nodes.
+    """
+
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+class Module:
+    """The trainable part of a model: a graph of ops, its parameters and the loss.
+
+    Args:
+        nodes: the graph (any order: run in topological order, ties kept in the given order).
+        parameters: the trainable tensors by name.
+        input: the tensor the frozen part gives; never differentiated.
+        output: the logits tensor.
+        constants: fixed tensors the nodes read, by name.
+        loss: the loss between logits and labels, by `meta["loss"]` name (`ops.loss.LOSSES`).
+        rng: the generator random ops (dropout) draw from; its state travels in checkpoints.
+
+    Raises:
+        ValueError: an unknown op, an attribute it does not accept, a tensor nothing provides, a
+            tensor written twice, a cycle, an output nothing computes, a parameter nothing reads.
+    """
+
+    def __init__(self, nodes: Sequence[Node], parameters: Mapping[str, Parameter], input: str, output: str,
+                 constants: Mapping[str, np.ndarray] | None = None, loss: str = "softmax_cross_entropy",
+                 rng: np.random.Generator | None = None) -> None:
+        self.params = dict(parameters)
+        self.constants = {k: np.asarray(v) for k, v in (constants or {}).items()}
+        self.input, self.output = input, output
+        self.rng = rng if rng is not None else np.random.Generator(np.random.PCG64(0))
+        self.nodes = _topological(nodes, {input, *self.params, *self.constants})
+        self.ops: list[Op] = [_make_op(node) for node in self.nodes]
+        self.loss_op = get_loss(loss)
+        self.training = True
+        self.loss = math.nan
+        self._check_wiring()
+        differentiable = set(self.params)  # tensors some parameter's gradient flows through
+        for node, op in zip(self.nodes, self.ops):
+            op.rng = self.rng
+            op.needs_grad = tuple(bool(name) and name in differentiable for name in node.inputs)
+            if any(op.needs_grad):
+                differentiable.add(node.outputs[0])
+
+    # --- the small interface of everything trainable -------------------------------------------
+    def parameters(self) -> list[Parameter]:
+        """The trainable tensors, in the order the model lists them."""
+        return list(self.params.values())
+
+    def zero_grad(self) -> None:
+        """Reset every parameter's accumulated gradient to zero."""
+        for p in self.params.values():
+            p.grad[...] = 0
+
+    def train(self, mode: bool = True) -> Module:
+        """Train mode (dropout on, `__call__` accumulates gradients) or, with False, eval mode."""
+        self.training = bool(mode)
+        for op in self.ops:
+            op.training = self.training
+        return self
+
+    def eval(self) -> Module:
+        """Eval mode: dropout off, `__call__` computes no gradient."""
+        return self.train(False)
+
+    def __call__(self, features: np.ndarray, labels: np.ndarray | None = None,
+                 grad_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """Forward, the loss when labels are given, and in train mode backward (ONNX Runtime's train step).
+
+        Gradients are *added* to `Parameter.grad` (call `zero_grad` first for a fresh step). The loss
+        is the mean over this batch, so K batches of B samples accumulated with `grad_scale=1/K`
+        give the gradient of the mean loss over all K*B samples: one `Optimizer.step` after them
+        equals one step on a single batch of K*B (up to float32 rounding: sums run in another order).
+        No gradient is added when the loss is not finite (the caller refuses the step).
+
+        Args:
+            features: (N, F) float32, the frozen part's output.
+            labels: (N, num_classes) float one-hot or soft labels; required for training.
+            grad_scale: multiplies the gradient of the loss (1/K for K accumulated batches).
+
+        Returns:
+            `{"logits": (N, C)}`, plus `"loss"` (a float32 scalar) when labels were given.
+        """
+        logits = self.forward(features)
+        outputs = {"logits": logits}
+        self.loss = math.nan
+        if labels is not None:
+            loss = self.loss_op.forward(logits, labels)
+            outputs["loss"] = np.asarray(loss, dtype=np.float32)
+            self.loss = float(loss)
+            if self.training and math.isfinite(self.loss):
+                self.backward(self.loss_op.backward(grad_scale)[0])
+        return outputs
+
+    # --- the engine -------------------------------------------------------------------------
+    def forward(self, features: np.ndarray) -> np.ndarray:
+        """Run every node in order on `features`; return the output tensor (the logits).
+
+        Raises:
+            ValueError: a node cannot take its inputs (their shapes are named in the message).
+        """
+        values: dict[str, np.ndarray] = {self.input: features, **self.constants}
+        values.update((name, p.data) for name, p in self.params.items())
+        for node, op in zip(self.nodes, self.ops):
+            args = [values[name] if name else None for name in node.inputs]
+            try:
+                values[node.outputs[0]] = op.forward(*args)
+            except ValueError as e:
+                shapes = {name: None if a is None else tuple(a.shape) for name, a in zip(node.inputs, args)}
+                raise ValueError(f"node {node.name or node.outputs[0]!r} ({op!r}) cannot take {shapes}: {e}") from None
+        return values[self.output]
+
+    def backward(self, grad: np.ndarray) -> None:
+        """Propagate d loss / d output back through the last `forward`, adding into each `Parameter.grad`."""
+        grads: dict[str, np.ndarray] = {self.output: grad}
+        for node, op in zip(reversed(self.nodes), reversed(self.ops)):
+            g = grads.pop(node.outputs[0], None)
+            if g is None or not any(op.needs_grad):
+                continue
+            for name, need, g_in in zip(node.inputs, op.needs_grad, op.backward(g)):
+                if not need or g_in is None:
+                    continue
+                if name in self.params:
+                    self.params[name].grad += g_in
+                else:  # a tensor read by several nodes: its gradient is the sum of theirs
+                    grads[name] = grads[name] + g_in if name in grads else g_in
+
+    def check(self, features: int, num_classes: int) -> None:
+        """Run one zero sample through the graph in eval mode: the shapes must chain to (1, num_classes).
+
+        Done once at load, so a model whose layers do not fit together fails there with the node
+        named, not an hour into training. Changes no parameter and draws no random number.
+
+        Raises:
+            ValueError: a node cannot take its inputs' shapes, or the output is not (1, num_classes).
+        """
+        was_training = self.training
+        try:
+            out = self.eval().forward(np.zeros((1, features), np.float32))
+        finally:
+            self.train(was_training)
+        shape = tuple(out.shape)
+        if shape != (1, num_classes):
+            raise ValueError(f"the trainable part turns {features} frozen features into {shape[1:]} values "
+                             f"per image, not num_classes={num_classes}")
+
+    def _check_wiring(self) -> None:
+        read = {name for node in self.nodes for name in node.inputs if name}
+        for node in self.nodes:
+            extra = [name for name in node.outputs[1:] if name in read]
+            if extra:
+                raise ValueError(f"node {node.name or node.outputs[0]!r} ({node.op_type}): only its first output "
+                                 f"can be read, {extra} are")
+        if self.output not in {node.outputs[0] for node in self.nodes}:
+            raise ValueError(f"no node computes the output {self.output!r}")
+        unused = sorted(set(self.params) - read)
+        if unused:
+            raise ValueError(f"parameters {unused} are read by no node")
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}{tuple(p.data.shape)}" for n, p in self.params.items())
+        chain = " -> ".join(repr(op) for op in self.ops)
+        return f"Module({self.input} -> {chain} -> {self.output}; parameters {shapes})"
+
+
+def _make_op(node: Node) -> Op:
+    try:
+        return get_op(node.op_type)(**node.attributes)
+    except ValueError as e:  # UnknownOp, or an attribute value the op does not implement
+        raise ValueError(f"node {node.name or node.outputs[0]!r} ({node.op_type}): {e}") from None
+
+
+def _topological(nodes: Sequence[Node], given: set[str]) -> list[Node]:
+    """`nodes` ordered so each runs after the nodes it reads from (Kahn; ties keep the given order)."""
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if not node.outputs or not node.outputs[0]:
+            raise ValueError(f"node {node.name!r} ({node.op_type}) has no output")
+        for name in node.outputs:
+            if name in producer or name in given:
+                raise ValueError(f"tensor {name!r} is written twice (node {node.name or name!r})")
+            producer[name] = i
+    for node in nodes:
+        for name in node.inputs:
+            if name and name not in producer and name not in given:
+                raise ValueError(f"node {node.name or node.outputs[0]!r} ({node.op_type}) reads {name!r}, which is "
+                                 f"no parameter, constant, input or node output")
+    done: set[int] = set()
+    order: list[Node] = []
+    while len(order) < len(nodes):
+        ready = next((i for i, node in enumerate(nodes) if i not in done
+                      and all(producer.get(name) in done for name in node.inputs if name in producer)), None)
+        if ready is None:
+            raise ValueError("the graph has a cycle")
+        done.add(ready)
+        order.append(nodes[ready])
+    return order
