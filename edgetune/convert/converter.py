@@ -169,6 +169,7 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
         "frozen": {"blob": FROZEN_BLOB, "input": info["input"]["name"], "output": frozen.FEATURES,
                    "features": features},
         "head": layers,
+        **({"param_groups": info["param_groups"]} if info.get("param_groups") else {}),
         "optimizer_step": 0,
         "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,
                      "seed": None, "rng_state": None, "data_cursor": None},
