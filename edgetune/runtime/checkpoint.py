@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgetune.runtime import format as tod_format
+from edgetune.runtime.head import is_node_list
 from edgetune.runtime.meta import ModelError, check_meta
 
 
@@ -66,8 +67,9 @@ class CheckpointState:
         tensors.update((f"buffer/{n}", v) for n, v in self.buffers.items())
         tensors.update((f"const/{n}", v) for n, v in self.constants.items())
         tensors.update(self.optimizer_state)
+        version = max(self.version, (2, 0) if is_node_list(self.meta["head"]) else (1, 0))  # what the content needs
         return tod_format.TodFile(meta=self.meta, tensors=tensors, blobs={self.meta["frozen"]["blob"]: self.frozen_graph},
-                                  version=self.version)
+                                  version=version)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the state as a `.tod`, atomically (the previous file or the new one, never a torn one).
