@@ -260,6 +260,15 @@ def test_what_the_layer_list_cannot_hold_becomes_the_node_list():
     np.testing.assert_array_equal(head.params["w"], np.ones((4, 2)))  # the node list keeps ONNX's layout
 
 
+def test_an_op_the_engine_cannot_differentiate_fails_convert_naming_it_and_writes_nothing(tmp_path):
+    nodes = [helper.make_node("MatMul", ["feat", "w"], ["mm"], name="mm"),
+             helper.make_node("Softmax", ["mm"], ["logits"], name="the_softmax")]
+    onnx.save(_graph_model(nodes, [("w", np.ones((4, 2)))], ["w"]), tmp_path / "train.onnx")
+    with pytest.raises(UserError, match=r"unsupported op Softmax in the trainable part \(node 'the_softmax'\)"):
+        convert(tmp_path / "train.onnx", tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.onnx"]
+
+
 def test_plain_onnx_is_refused_with_a_hint(tmp_path):
     model = _graph_model([helper.make_node("MatMul", ["feat", "w"], ["logits"])], [("w", np.ones((4, 2)))], ["w"])
     del model.metadata_props[:]
