@@ -7,11 +7,13 @@ For one model and prepared dataset it measures the validation accuracy of
    with C chosen on the test split;
 2. the plain recipe, the demo's train.sh: `net_runner -c 600 --lr 0.01 --target-accuracy 1.01`;
 3. the --auto recipe: `edgetune.runtime.auto.search` on the test split, then the chosen recipe
-   trained from the model file through the Trainer (cosine over the search's horizon, the chosen
-   step count), as `net_runner --auto` will run it (phase 2 of issue 12 adds the flag).
-Runs 2 and 3 are separate processes, timed from start to exit; each extracts the features itself
-unless `--cache-dir` lets them share a disk cache (then their times say nothing about speed). Without
-it, on the demo data, the two wall times are issue 12's "at most 2x the plain run" check.
+   trained from the model file through the Trainer (cosine over the chosen step count, from a zero
+   classifier), as `net_runner --auto` runs it.
+Runs 2 and `net_runner --auto` are separate processes, timed from start to exit; each extracts the
+features itself unless `--cache-dir` lets them share a disk cache (then their times say nothing about
+speed). Without it, on the demo data, the two wall times are issue 12's "at most 2x the plain run"
+check. A third process repeats the --auto run through the API for the search's details (its
+validation accuracy equals net_runner's: same seed, same batches).
 """
 
 from __future__ import annotations
@@ -50,16 +52,17 @@ def run_auto(model: str, data: str, seed: int, budget: float, cache_dir: str | N
     print(result.table(), file=sys.stderr)
     searched = time.perf_counter()
     r = result.recipe
-    final = auto.recipe_session(tod, r.lr, r.weight_decay, Context())
+    final = auto.recipe_session(tod, r.lr, r.weight_decay, Context(), zero_classifier=r.zero_classifier)
     for split in (data.train, data.test, data.validation):  # the backbone already ran for these images
         final.feature_cache.put_many(split.keys, rows[split.name])
-    trainer = Trainer(final, data.train, data.test, callbacks=[CosineLR(r.horizon)], seed=seed,
-                      test_every=result.test_every, target_accuracy=None)
+    trainer = Trainer(final, data.train, data.test, callbacks=[CosineLR(r.steps)], seed=seed,
+                      test_every=0, target_accuracy=None)
     trainer.fit(r.steps)
     test, validation = trainer.evaluate("test"), trainer.evaluate("validation", data.validation)
     with tempfile.TemporaryDirectory() as tmp:  # net_runner saves the trained model: so does this run
         final.save(os.path.join(tmp, "trained.tod"))
-    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps, "horizon": r.horizon},
+    return {"recipe": {"lr": r.lr, "weight_decay": r.weight_decay, "steps": r.steps,
+                       "zero_classifier": r.zero_classifier},
             "search_test_accuracy": r.test_accuracy, "retrained_test_accuracy": test,
             "validation_accuracy": validation, "search_seconds": searched - extracted,
             "budget_spent": result.budget_spent, "trials": result.rows()}
@@ -108,21 +111,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_s, out = timed([sys.executable, "-m", "edgetune.cli.net_runner", "-f", str(args.model), "-d", str(args.data),
                           *PLAIN, "--seed", str(args.seed), "-q", *cache_args])
     plain_val = float(re.findall(r"accuracy on validation data = ([0-9.e-]+)", out)[-1])
-    auto_s, out = timed([sys.executable, __file__, "--run", "auto", *common, "--budget", str(budget), *cache_args])
+    auto_s, out = timed([sys.executable, "-m", "edgetune.cli.net_runner", "-f", str(args.model), "-d", str(args.data),
+                         "--auto", "--auto-budget", str(budget), "--seed", str(args.seed), "-q", *cache_args])
+    auto_cli_val = float(re.findall(r"accuracy on validation data = ([0-9.e-]+)", out)[-1])
+    _, out = timed([sys.executable, __file__, "--run", "auto", *common, "--budget", str(budget), *cache_args])
     found = json.loads(out.strip().splitlines()[-1])
     sizes = {name: len(y) for name, (_, y) in features.items()}
     result = {"model": str(args.model), "data": str(args.data), "sizes": sizes,
               "probe_c1": bound.default.validation_accuracy, "probe_chosen_c": bound.chosen.C,
               "probe_chosen": bound.chosen.validation_accuracy, "plain": plain_val, "plain_seconds": plain_s,
-              "auto": found["validation_accuracy"], "auto_seconds": auto_s, "auto_detail": found}
+              "auto": found["validation_accuracy"], "auto_net_runner": auto_cli_val, "auto_seconds": auto_s,
+              "auto_detail": found}
     r = found["recipe"]
     print("| dataset | train/test/val | probe C=1 | probe C on test | plain 600 steps | --auto | auto recipe |")
     print("|---|---|---:|---:|---:|---:|---|")
     print(f"| {args.data.name} | {sizes['train']}/{sizes['test']}/{sizes['validation']} | {result['probe_c1']:.4f} "
           f"| {result['probe_chosen']:.4f} (C={bound.chosen.C:g}) | {plain_val:.4f} | {result['auto']:.4f} "
-          f"| lr {r['lr']:g}, decay {r['weight_decay']:.3g}, {r['steps']}/{r['horizon']} steps |")
-    print(f"wall: plain {plain_s:.1f} s, auto {auto_s:.1f} s ({auto_s / plain_s:.2f}x; search {found['search_seconds']:.1f} s"
-          f"{', budget spent' if found['budget_spent'] else ''}); retrained test {found['retrained_test_accuracy']:.4f}"
+          f"| lr {r['lr']:g}, decay {r['weight_decay']:.3g}, {r['steps']} steps |")
+    print(f"wall: net_runner plain {plain_s:.1f} s, net_runner --auto {auto_s:.1f} s ({auto_s / plain_s:.2f}x; "
+          f"search {found['search_seconds']:.1f} s{', budget spent' if found['budget_spent'] else ''}); "
+          f"net_runner --auto validation {auto_cli_val:.4f}; retrained test {found['retrained_test_accuracy']:.4f}"
           f" vs searched {found['search_test_accuracy']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -13,7 +13,8 @@ from edgetune.runtime import Context, CosineLR, Trainer, TrainSession
 from edgetune.runtime import auto
 from edgetune.runtime import format as tod_format
 
-SMALL = {"lrs": (0.01, 0.1), "decay_factors": (0.0, 1.0, 30.0), "epochs": 1}  # 4 candidates of 200 steps
+SMALL = {"lrs": (0.01, 0.1), "decay_factors": (0.0, 1.0, 30.0), "epochs": 1,
+         "horizon_factors": (1.0,)}  # 4 candidates of 200 steps
 
 
 class FakeClock:
@@ -53,21 +54,22 @@ def test_same_seed_same_search_and_another_seed_another(setup) -> None:
     assert [r["status"] for r in runs[0][:-1]] == ["ok"] * 4
 
 
-def test_plan_is_rates_at_unit_decay_then_decays_at_the_best_rate(setup) -> None:
+def test_plan_is_rates_at_unit_decay_then_decays_at_the_best_rate_then_steps(setup) -> None:
     _, session, train, test = setup()
-    result = auto.search(session, train, test, clock=FakeClock(0), **SMALL)
-    unit = 1 / len(train)
-    stages = [(t.stage, t.lr, t.weight_decay) for t in result.trials]
-    lr_trials = [t for t in result.trials if t.stage == "lr"]
-    best_lr = max(lr_trials, key=lambda t: t.score).lr
-    assert stages == [("lr", 0.01, unit), ("lr", 0.1, unit),
-                      ("weight_decay", best_lr, 0.0), ("weight_decay", best_lr, 30 * unit)]
-    best = max(result.trials, key=lambda t: t.score)
+    result = auto.search(session, train, test, clock=FakeClock(0), **{**SMALL, "horizon_factors": (0.5, 1.0, 2.0)})
+    unit, horizon = 1 / len(train), auto.MIN_STEPS
+    stages = [(t.stage, t.lr, t.weight_decay, t.steps) for t in result.trials]
+    best_lr = max(result.trials[:2], key=lambda t: t.score).lr
+    best = max(result.trials[:4], key=lambda t: t.score)
+    assert stages == [("lr", 0.01, unit, horizon), ("lr", 0.1, unit, horizon),
+                      ("weight_decay", best_lr, 0.0, horizon), ("weight_decay", best_lr, 30 * unit, horizon),
+                      ("steps", best.lr, best.weight_decay, horizon // 2),
+                      ("steps", best.lr, best.weight_decay, 2 * horizon)]
+    chosen = max(result.trials, key=lambda t: t.score)
     r = result.recipe
-    assert (r.lr, r.weight_decay, r.steps, r.test_accuracy) == (best.lr, best.weight_decay, best.best_step,
-                                                                best.test_accuracy)
-    assert result.horizon == auto.MIN_STEPS and r.horizon == result.horizon and 0 < r.steps <= r.horizon
-    assert r.steps % result.test_every == 0
+    assert (r.lr, r.weight_decay, r.steps, r.test_accuracy, r.test_loss) == (
+        chosen.lr, chosen.weight_decay, chosen.steps, chosen.test_accuracy, chosen.test_loss)
+    assert result.horizon == horizon
 
 
 def test_budget_stops_starting_candidates(setup) -> None:
@@ -91,12 +93,37 @@ def test_the_recipe_retrained_reproduces_what_the_search_measured(setup) -> None
     path, session, train, test = setup()
     result = auto.search(session, train, test, seed=5, clock=FakeClock(0), **SMALL)
     r = result.recipe
-    final = auto.recipe_session(tod_format.load_file(path), r.lr, r.weight_decay)
-    trainer = Trainer(final, train, test, callbacks=[CosineLR(r.horizon)], seed=5, target_accuracy=None,
+    assert r.zero_classifier  # a fresh model
+    final = auto.recipe_session(tod_format.load_file(path), r.lr, r.weight_decay, zero_classifier=True)
+    trainer = Trainer(final, train, test, callbacks=[CosineLR(r.steps)], seed=5, target_accuracy=None,
                       test_every=0)
     trainer.fit(r.steps)
     assert final.step == r.steps
     assert trainer.evaluate("test") == r.test_accuracy
+
+
+def test_the_classifier_is_the_layer_that_writes_the_logits(tiny_tod) -> None:
+    dense = TrainSession.create(tiny_tod(head="dense"), Context())
+    mlp = TrainSession.create(tiny_tod(head="mlp"), Context())
+    assert auto.classifier(dense.head) == ("head.weight", "head.bias")
+    last = auto.classifier(mlp.head)
+    assert len(last) == 2 and set(last) < set(mlp.params)  # the last layer's only
+    auto.prepare(mlp, 0.01, 0.0, zero_classifier=True)
+    for name, p in mlp.params.items():
+        assert (not p.data.any()) == (name in last)  # the earlier layer keeps its random start (else no gradient)
+
+
+def test_a_fresh_model_starts_from_a_zero_classifier_and_a_trained_one_continues(setup, tiny_split) -> None:
+    path, session, train, test = setup()
+    assert auto.search(session, train, test, clock=FakeClock(0), **SMALL).recipe.zero_classifier
+    Trainer(session, train, test_every=0).fit(3)
+    session.save(path)
+    session = TrainSession.create(path, Context())
+    before = session.parameters()
+    result = auto.search(session, train, test, clock=FakeClock(0), **SMALL)
+    assert not result.recipe.zero_classifier and "classifier from zero" not in result.table()
+    continued = auto.recipe_session(tod_format.load_file(path), 0.01, 0.0, zero_classifier=False)
+    assert all(np.array_equal(before[n], v) for n, v in continued.parameters().items())
 
 
 def test_backbone_runs_once_per_image_and_the_session_is_not_trained(setup) -> None:
@@ -133,6 +160,8 @@ def test_every_candidate_diverging_is_a_clear_error(setup) -> None:
     ({"decay_factors": (-1.0, 1.0)}, r"weight decay factor must be a finite number >= 0, got -1.0"),
     ({"decay_factors": (0.0, 10.0)}, r"decay_factors must include 1"),
     ({"epochs": 0}, r"epochs must be a whole number >= 1, got 0"),
+    ({"horizon_factors": (0.0, 1.0)}, r"horizon factor must be a finite number > 0, got 0.0"),
+    ({"horizon_factors": (0.5, 2.0)}, r"horizon_factors must include 1"),
 ])
 def test_bad_values_are_refused_before_any_work(setup, kwargs, message) -> None:
     _, session, train, test = setup()

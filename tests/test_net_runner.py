@@ -241,6 +241,15 @@ def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, min
     again = run(capsys, model, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q")
     strip = re.compile(r" +\d+\.\d(?=  [a-z])|in \d+\.\d s")  # seconds differ between runs, nothing else may
     assert [strip.sub("", x) for x in again] == [strip.sub("", x) for x in lines]
+    # the run trained what the search measured: a fresh model, so from a zero classifier, to the chosen step
+    searched = float(re.search(r"test accuracy ([0-9.]+)", choice[0]).group(1))
+    assert "classifier from zero" in choice[0]
+    from edgetune.runtime import Context, Trainer, TrainSession
+    from edgetune.runtime.dataset import load_dataset
+
+    trained = TrainSession.create(os.fspath(model)[: -len(".tod")] + "_trained.tod", Context())
+    data = load_dataset(mini_fashion_dir, trained.preprocessing, num_classes=trained.num_classes)
+    assert Trainer(trained, data.train, data.test).evaluate("test") == pytest.approx(searched, abs=5e-5)
 
 
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:

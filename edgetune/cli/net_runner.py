@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raise the learning rate linearly over the first N steps (default 0)")
     parser.add_argument("--auto", action="store_true",
                         help="choose learning rate, weight decay and step count on the test split by training "
-                             "candidates over the cached features, then train the chosen recipe (cosine; replaces "
-                             "-c, --lr, --weight-decay, --schedule and --target-accuracy); prints the search")
+                             "candidates over the cached features to the end of a cosine, then train the chosen "
+                             "recipe (a fresh model's classifier starts at zero; replaces -c, --lr, --weight-decay, "
+                             "--schedule and --target-accuracy); prints the search")
     parser.add_argument("--auto-budget", type=float, default=None, metavar="SECONDS",
                         help="--auto: no new candidate starts after this many seconds (default 60)")
     parser.add_argument("--keep-best", action="store_true",
@@ -134,8 +135,8 @@ def _auto(args: argparse.Namespace, session, data, trainer) -> int:
         with open(args.log, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in result.rows())
     recipe = result.recipe
-    session.learning_rate, session.weight_decay = recipe.lr, recipe.weight_decay
-    trainer.callbacks.insert(0, CosineLR(recipe.horizon))  # as each candidate trained
+    auto.prepare(session, recipe.lr, recipe.weight_decay, recipe.zero_classifier)
+    trainer.callbacks.insert(0, CosineLR(recipe.steps))  # as each candidate trained
     trainer.target_accuracy = None  # the chosen step count is the stop
     return recipe.steps
 

@@ -19,14 +19,26 @@ default C=1 and the grid spans the C range bench/probe.py searches.
 2. **Weight decay**, at that rate: each other multiple in `DECAY_FACTORS`, 0 included. Decay is what
    a converged L2 logistic regression has and the demo recipe lacks: without it the head overfits
    the train split (issue 12).
+3. **Steps**, at that rate and decay: the horizon scaled by each other factor of `HORIZON_FACTORS`.
 
-Every candidate anneals the rate to 0 with a cosine over the same horizon (`EPOCHS` passes over the
-train split, within `MIN_STEPS` / `MAX_STEPS`) and is evaluated on the test split every
-`horizon / EVALUATIONS` steps. Its score is its best evaluation: the highest test accuracy, ties
-broken by the lower test loss (accuracy moves in steps of 1 / n_test, so near-equal candidates are
-common and the loss is the steadier judge), then by the earlier step; the chosen step count is where
-that evaluation was. Ties between candidates go to the one run first. A candidate whose training
-diverges scores nothing and the search goes on.
+Every candidate anneals the rate to 0 with a cosine over its horizon (`EPOCHS` passes over the train
+split, within `MIN_STEPS` / `MAX_STEPS`, times the stage-3 factor) and is scored once, at its end, on
+the test split: the highest test accuracy, ties broken by the lower test loss (accuracy moves in
+steps of 1 / n_test, so near-equal candidates are common and the loss is the steadier judge), then by
+fewer steps. Ties between candidates go to the one run first. A candidate whose training diverges
+scores nothing and the search goes on. A trained-out candidate is what the logistic regression's C
+is chosen on; the best of many evaluations along the way was tried first and measured worse on the
+dev sets below: it overstated validation accuracy twice as much and landed under the run's end
+(bench/RESULTS.md, issue 12).
+
+A fresh model's classifier (the layer that writes the logits) starts at zero in every candidate and in
+the final run, as the logistic regression's solver starts: a random initial classifier keeps, in the
+directions the features barely span, a component that only weight decay shrinks, by a factor
+(1 - lr * decay) per step, nothing within the horizon at these rates, and the head then ends away
+from the regularized optimum. bench/zero_start.py measures it on three Fashion-MNIST sets disjoint
+from every reported one (bench/RESULTS.md): at weak decay the head ends further under the logistic
+regression at the same C from a random start than from zero. A model that has trained (step > 0)
+continues from its weights.
 
 The budget bounds the search's wall time: no candidate starts once it is spent (the first always
 runs), and rows of candidates not run say so. The plan is sized to fit the default budget with room
@@ -47,7 +59,8 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
-from edgetune.runtime.callbacks import Callback, CosineLR
+from edgetune.runtime.callbacks import CosineLR
+from edgetune.runtime.module import Module
 from edgetune.runtime.session import Context, TrainingDiverged, TrainSession
 from edgetune.runtime.trainer import Split, Trainer
 
@@ -63,8 +76,8 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
 DECAY_FACTORS: tuple[float, ...] = (0.0, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 EPOCHS = 50          # the cosine horizon, in passes over the train split ...
 MIN_STEPS = 200      # ... but at least this many steps
-MAX_STEPS = 6000     # ... and at most this many
-EVALUATIONS = 20     # test evaluations per candidate (the step count is chosen among these)
+MAX_STEPS = 6000     # ... and at most this many (stage 3 scales the bounded horizon)
+HORIZON_FACTORS: tuple[float, ...] = (0.5, 1.0, 2.0)  # stage 3's step counts, as multiples of the horizon
 DEFAULT_BUDGET = 60.0  # seconds for the candidates; the demo's plan takes a fraction of it
 
 Clock = Callable[[], float]
@@ -73,23 +86,23 @@ Progress = Callable[[str, int, int], None]  # (what, done, total), as the Traine
 
 @dataclass(frozen=True)
 class Recipe:
-    """What the search chose: train `steps` steps with this rate and decay, cosine-annealed over `horizon`.
+    """What the search chose: train `steps` steps with this rate and decay, cosine-annealed to 0 over them.
 
     Attributes:
         lr: the base learning rate (the cosine starts there).
         weight_decay: PyTorch-style weight decay of the model's optimizer.
-        steps: how many steps to train (where the best test accuracy was reached; <= horizon).
-        horizon: the cosine schedule's total steps (`CosineLR(horizon)`).
-        test_accuracy: the test accuracy the search measured at `steps`.
+        steps: how many steps to train, the cosine's horizon (`CosineLR(steps)`).
+        test_accuracy: the test accuracy the search measured after `steps`.
         test_loss: the mean test cross-entropy there.
+        zero_classifier: start from a zero classifier (`prepare`): a fresh model's recipe does.
     """
 
     lr: float
     weight_decay: float
     steps: int
-    horizon: int
     test_accuracy: float
     test_loss: float
+    zero_classifier: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,25 +110,23 @@ class Trial:
     """One candidate of the search, as a row of its table.
 
     Attributes:
-        stage: "lr" or "weight_decay".
+        stage: "lr", "weight_decay" or "steps".
         lr: the learning rate tried.
         weight_decay: the weight decay tried.
+        steps: the horizon tried (trained to its end).
         status: "ok", "diverged" (training stopped on a non-finite value) or "skipped (budget)".
-        best_step: the step of the best evaluation (0 if none was measured).
-        test_accuracy: the test accuracy there (nan if none was measured).
-        test_loss: the mean test cross-entropy there (nan if none was measured).
-        last_test_accuracy: the test accuracy at the end of the horizon (nan if not reached).
+        test_accuracy: the test accuracy at the end (nan if not measured).
+        test_loss: the mean test cross-entropy there (nan if not measured).
         seconds: wall time of the candidate.
     """
 
     stage: str
     lr: float
     weight_decay: float
+    steps: int
     status: str
-    best_step: int = 0
     test_accuracy: float = math.nan
     test_loss: float = math.nan
-    last_test_accuracy: float = math.nan
     seconds: float = 0.0
 
     @property
@@ -123,12 +134,7 @@ class Trial:
         """Higher is better: test accuracy, then lower test loss, then fewer steps; a failed run is last."""
         if self.status != "ok":
             return (-math.inf, -math.inf, 0)
-        return score(self.test_accuracy, self.test_loss, self.best_step)
-
-
-def score(accuracy: float, loss: float, step: int) -> tuple[float, float, int]:
-    """The order of evaluations: higher accuracy, then lower loss, then the earlier step."""
-    return (accuracy, -loss, -step)
+        return (self.test_accuracy, -self.test_loss, -self.steps)
 
 
 @dataclass
@@ -138,8 +144,7 @@ class SearchResult:
     Attributes:
         recipe: the choice.
         trials: one row per candidate of the plan (run or skipped).
-        horizon: the cosine horizon every candidate used.
-        test_every: steps between test evaluations.
+        horizon: the horizon of stages 1 and 2 (stage 3 scales it).
         seconds: wall time of the candidates (extraction not included).
         budget: the budget in seconds.
         budget_spent: True when candidates were skipped for lack of budget.
@@ -148,7 +153,6 @@ class SearchResult:
     recipe: Recipe
     trials: list[Trial]
     horizon: int
-    test_every: int
     seconds: float
     budget: float
     budget_spent: bool = False
@@ -162,59 +166,29 @@ class SearchResult:
 
     def table(self) -> str:
         """A short fixed-width table of the candidates and the choice, for the console."""
-        lines = [f"auto: {len(self.trials)} candidates, cosine over {self.horizon} steps, test every "
-                 f"{self.test_every}", f"{'stage':<13}{'lr':>9}{'decay':>10}{'best step':>10}{'test acc':>9}"
-                 f"{'loss':>7}{'at end':>8}{'s':>7}  status"]
+        lines = [f"auto: {len(self.trials)} candidates, each trained to the end of its cosine and scored there",
+                 f"{'stage':<13}{'lr':>9}{'decay':>10}{'steps':>7}{'test acc':>9}{'loss':>7}{'s':>7}  status"]
         for t in self.trials:
-            acc, loss, last = (("" if math.isnan(v) else f"{v:.4f}"[:6])
-                               for v in (t.test_accuracy, t.test_loss, t.last_test_accuracy))
-            lines.append(f"{t.stage:<13}{t.lr:>9g}{t.weight_decay:>10.3g}{t.best_step or '':>10}{acc:>9}{loss:>7}"
-                         f"{last:>8}{t.seconds:>7.1f}  {t.status}")
+            acc, loss = (("" if math.isnan(v) else f"{v:.4f}"[:6]) for v in (t.test_accuracy, t.test_loss))
+            lines.append(f"{t.stage:<13}{t.lr:>9g}{t.weight_decay:>10.3g}{t.steps:>7}{acc:>9}{loss:>7}"
+                         f"{t.seconds:>7.1f}  {t.status}")
         r = self.recipe
         note = " (budget spent: candidates skipped)" if self.budget_spent else ""
-        lines.append(f"auto: chose lr {r.lr:g}, weight decay {r.weight_decay:g}, {r.steps} steps (cosine over "
-                     f"{r.horizon}), test accuracy {r.test_accuracy:.4f}, in {self.seconds:.1f} s{note}")
+        start = ", classifier from zero" if r.zero_classifier else ""
+        lines.append(f"auto: chose lr {r.lr:g}, weight decay {r.weight_decay:g}, {r.steps} steps (cosine{start}), "
+                     f"test accuracy {r.test_accuracy:.4f}, in {self.seconds:.1f} s{note}")
         return "\n".join(lines)
 
 
-class _BestTest(Callback):
-    """Observes one candidate's test evaluations: the best (see `score`) and the last accuracy.
-
-    The Trainer measures accuracy; the loss comes from one more forward pass over the test features
-    in eval mode (no step, no state change), as `Trainer.accuracy` itself runs them.
-    """
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
-        self.features, self.labels = features, labels
-        self.best: tuple[float, float, int] | None = None
-        self.last = math.nan
-
-    def on_evaluate(self, session: TrainSession, split: str, accuracy: float) -> None:
-        if split != "test":
-            return
-        was_training = session.training
-        session.eval()
-        try:
-            loss = float(session.run_head(self.features, self.labels)["loss"])
-        finally:
-            if was_training:
-                session.train()
-        self.last = accuracy
-        if self.best is None or score(accuracy, loss, session.step) > score(*self.best):
-            self.best = (accuracy, loss, session.step)
-
-
 def horizon_for(train_size: int, batch_size: int, epochs: int = EPOCHS) -> int:
-    """The cosine horizon: `epochs` passes over the train split, within [MIN_STEPS, MAX_STEPS],
-    rounded up to a multiple of `EVALUATIONS` so that the last step is evaluated."""
+    """The cosine horizon of stages 1 and 2: `epochs` passes over the train split, within [MIN_STEPS, MAX_STEPS]."""
     steps = epochs * math.ceil(train_size / max(1, min(batch_size, train_size)))
-    steps = min(MAX_STEPS, max(MIN_STEPS, steps))
-    return math.ceil(steps / EVALUATIONS) * EVALUATIONS
+    return min(MAX_STEPS, max(MIN_STEPS, steps))
 
 
 def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ctx: Context | None = None,
-                   path: str | None = None) -> TrainSession:
-    """A fresh session of `model` whose optimizer has this learning rate and weight decay.
+                   path: str | None = None, zero_classifier: bool = False) -> TrainSession:
+    """A fresh session of `model`, set by `prepare` to start training with this recipe.
 
     The search builds its candidates with it, and a caller trains the chosen recipe with it. The
     weights, optimizer slots and step count are copies of the model's (a checkpoint continues); a
@@ -229,13 +203,42 @@ def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ct
     meta["optimizer"] = {**meta["optimizer"], "lr": float(lr), "weight_decay": float(weight_decay)}
     meta["training"].pop("base_lr", None)  # a schedule of an earlier run would override this rate (CosineLR)
     tensors = {name: np.array(t, copy=True) for name, t in model.tensors.items()}  # a session trains its arrays in place
-    return TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs, version=model.version),
-                       ctx or Context(), path)
+    session = TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs, version=model.version),
+                           ctx or Context(), path)
+    prepare(session, float(lr), float(weight_decay), zero_classifier)
+    return session
+
+
+def prepare(session: TrainSession, lr: float, weight_decay: float, zero_classifier: bool) -> None:
+    """Set `session` to start a recipe: its rate and decay, and the classifier zeroed if asked (module docstring).
+
+    net_runner --auto sets its own session with it, so the final run starts as the candidates did.
+    """
+    session.learning_rate, session.weight_decay = lr, weight_decay
+    if zero_classifier:
+        for name in classifier(session.head):
+            session.params[name].data[...] = 0
+
+
+def classifier(module: Module) -> tuple[str, ...]:
+    """The parameters of the layer that writes the logits: a Gemm's, or a MatMul's and its bias Add's.
+
+    Empty when the logits come from another op (then nothing is zeroed).
+    """
+    writer = {node.outputs[0]: node for node in module.nodes}
+    names: list[str] = []
+    node = writer.get(module.output)
+    while node is not None and node.op_type in ("Gemm", "MatMul", "Add"):
+        names += [name for name in node.inputs if name in module.params]
+        inner = [writer[name] for name in node.inputs if name in writer]
+        node = inner[0] if node.op_type == "Add" and len(inner) == 1 and inner[0].op_type == "MatMul" else None
+    return tuple(names)
 
 
 def search(session: TrainSession, train: Split, test: Split, *, model: tod_format.TodFile | None = None,
            seed: int = 0, budget: float = DEFAULT_BUDGET, lrs: Sequence[float] | None = None,
-           decay_factors: Sequence[float] = DECAY_FACTORS, epochs: int = EPOCHS, clock: Clock = time.monotonic,
+           decay_factors: Sequence[float] = DECAY_FACTORS, epochs: int = EPOCHS,
+           horizon_factors: Sequence[float] = HORIZON_FACTORS, clock: Clock = time.monotonic,
            progress: Progress | None = None) -> SearchResult:
     """Choose learning rate, weight decay and step count on the test split (see the module docstring).
 
@@ -251,7 +254,8 @@ def search(session: TrainSession, train: Split, test: Split, *, model: tod_forma
         lrs: learning rates of stage 1; None uses `LR_GRIDS` for the model's optimizer.
         decay_factors: weight decays in units of 1 / len(train), each >= 0; 1 must be among them
             (stage 1 runs there).
-        epochs: the cosine horizon in passes over `train` (see `horizon_for`).
+        epochs: the cosine horizon of stages 1 and 2 in passes over `train` (see `horizon_for`).
+        horizon_factors: stage 3's horizons as multiples of that one, each > 0; 1 must be among them.
         clock: seconds, monotonic (tests pass a fake one).
         progress: told `("auto", candidates done, candidates planned)` after each candidate.
 
@@ -280,35 +284,43 @@ def search(session: TrainSession, train: Split, test: Split, *, model: tod_forma
         check_number("weight decay factor", factor, positive=False)
     if 1.0 not in decay_factors:
         raise UserError(f"decay_factors must include 1 (scikit-learn's C=1, where stage 1 runs), got {list(decay_factors)}")
+    for factor in horizon_factors:
+        check_number("horizon factor", factor, positive=True)
+    if 1.0 not in horizon_factors:
+        raise UserError(f"horizon_factors must include 1 (stages 1 and 2 run there), got {list(horizon_factors)}")
     if model is None:
         if session.path is None:
             raise UserError("the auto search needs the model file: pass model= for a session not loaded from a file")
         model = tod_format.load_file(session.path)
 
+    zero = session.step == 0  # a fresh model: its classifier starts at zero (module docstring)
     extractor = Trainer(session, train, test, seed=seed, target_accuracy=None)
     features = _Features(train, extractor.features(train), test, extractor.features(test))
     horizon = horizon_for(len(train), session.batch_size, epochs)
-    test_every = horizon // EVALUATIONS
     unit = 1.0 / len(train)
-    plan: list[tuple[str, float | None, float]] = [("lr", lr, unit) for lr in lrs]
-    plan += [("weight_decay", None, f * unit) for f in decay_factors if f != 1.0]
+    plan: list[tuple[str, float | None, float | None, int]] = [("lr", lr, unit, horizon) for lr in lrs]
+    plan += [("weight_decay", None, f * unit, horizon) for f in decay_factors if f != 1.0]
+    plan += [("steps", None, None, max(1, round(f * horizon))) for f in horizon_factors if f != 1.0]
     trials: list[Trial] = []
     start = clock()
-    for number, (stage, lr, wd) in enumerate(plan):
-        if lr is None:  # stage 2 runs at stage 1's best rate
+    for number, (stage, lr, wd, steps) in enumerate(plan):
+        if stage == "weight_decay":  # at stage 1's best rate
             lr = max((t for t in trials if t.stage == "lr"), key=lambda t: t.score).lr
+        elif stage == "steps":  # at the best rate and decay so far
+            best = max(trials, key=lambda t: t.score)
+            lr, wd = best.lr, best.weight_decay
         if trials and clock() - start >= budget:
-            trials.append(Trial(stage, lr, wd, "skipped (budget)"))
+            trials.append(Trial(stage, lr, wd, steps, "skipped (budget)"))
         else:
-            trials.append(_run_candidate(model, features, stage, lr, wd, seed, horizon, test_every, clock))
+            trials.append(_run_candidate(model, features, stage, lr, wd, steps, zero, seed, clock))
         if progress is not None:
             progress("auto", number + 1, len(plan))
     ran = [t for t in trials if t.status == "ok"]
     if not ran:
         raise UserError("every auto candidate diverged: pass lower learning rates (lrs=)")
     best = max(ran, key=lambda t: t.score)  # max keeps the first of equals: ties go to the earlier candidate
-    recipe = Recipe(best.lr, best.weight_decay, best.best_step, horizon, best.test_accuracy, best.test_loss)
-    return SearchResult(recipe, trials, horizon, test_every, clock() - start, float(budget),
+    recipe = Recipe(best.lr, best.weight_decay, best.steps, best.test_accuracy, best.test_loss, zero)
+    return SearchResult(recipe, trials, horizon, clock() - start, float(budget),
                         any(t.status.startswith("skipped") for t in trials))
 
 
@@ -322,22 +334,23 @@ class _Features:
     test_rows: np.ndarray
 
 
-def _run_candidate(model: tod_format.TodFile, features: _Features, stage: str, lr: float, wd: float, seed: int,
-                   horizon: int, test_every: int, clock: Clock) -> Trial:
-    """Train one fresh copy for `horizon` steps through the Trainer, cosine-annealed; its best evaluation."""
+def _run_candidate(model: tod_format.TodFile, features: _Features, stage: str, lr: float, wd: float, steps: int,
+                   zero_classifier: bool, seed: int, clock: Clock) -> Trial:
+    """Train one fresh copy for `steps` steps through the Trainer, cosine-annealed to 0; scored at the end."""
     began = clock()
-    candidate = recipe_session(model, lr, wd, Context(cache=True))
+    candidate = recipe_session(model, lr, wd, Context(cache=True), zero_classifier=zero_classifier)
     candidate.feature_cache.put_many(features.train.keys, features.train_rows)  # the backbone already ran
     candidate.feature_cache.put_many(features.test.keys, features.test_rows)
-    observer = _BestTest(features.test_rows, np.asarray(features.test.labels))
-    trainer = Trainer(candidate, features.train, features.test, callbacks=[CosineLR(horizon), observer], seed=seed,
-                      test_every=test_every, target_accuracy=None)
+    trainer = Trainer(candidate, features.train, features.test, callbacks=[CosineLR(steps)], seed=seed,
+                      test_every=0, target_accuracy=None)
     try:
-        trainer.fit(horizon)
+        trainer.fit(steps)
     except TrainingDiverged:
-        return Trial(stage, lr, wd, "diverged", seconds=clock() - began)
-    accuracy, loss, step = observer.best
-    return Trial(stage, lr, wd, "ok", step, accuracy, loss, observer.last, clock() - began)
+        return Trial(stage, lr, wd, steps, "diverged", seconds=clock() - began)
+    accuracy = trainer.evaluate("test")
+    candidate.eval()  # the loss over the same features, no step taken
+    loss = float(candidate.run_head(features.test_rows, np.asarray(features.test.labels))["loss"])
+    return Trial(stage, lr, wd, steps, "ok", accuracy, loss, clock() - began)
 
 
 def check_number(what: str, value: Any, *, positive: bool, unit: str = "") -> None:
