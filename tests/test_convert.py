@@ -201,7 +201,8 @@ def _graph_model(head_nodes: list, head_inits: list, trainable: list[str], out_d
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", out_dim])],
-        initializer=[numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in head_inits])
+        initializer=[numpy_helper.from_array(v if isinstance(v, np.ndarray) and v.dtype.kind in "bi"
+                                             else np.asarray(v, np.float32), n) for n, v in head_inits])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     meta = {"trainable": trainable, "loss": "softmax_cross_entropy", "input": {"name": "data", "shape": [2, 4]},
             "output": "logits"}
@@ -232,17 +233,40 @@ def test_matmul_add_and_gemm_without_transb_become_dense_out_in():
     ([helper.make_node("MatMul", ["feat", "w"], ["mm"], name="mm"),
       helper.make_node("Add", ["mm", "feat2"], ["logits"], name="skip")],
      [("w", np.ones((4, 2)))], r"exactly one tensor of the frozen part, it reads 2: \['feat', 'feat2'\]"),
-    ([helper.make_node("MatMul", ["feat", "w"], ["mm"]),
-      helper.make_node("Reshape", ["mm", "shape"], ["logits"], name="rs")],
-     [("w", np.ones((4, 2))), ("shape", [2, 1, 1])], r"node 'rs' \(Reshape\): only a constant reshape"),
     ([helper.make_node("MatMul", ["feat", "w"], ["mm"]), helper.make_node("Add", ["mm", "c"], ["logits"], name="a")],
-     [("w", np.ones((4, 2))), ("c", np.ones(2))], r"node 'a' \(Add\): its bias 'c' is not trainable"),
+     [("w", np.ones((4, 2))), ("c", np.ones(2).astype(bool))], r"constant 'c' of type bool"),
 ])
 def test_head_errors_name_op_and_node(nodes, inits, match):
     from edgetune.convert.split import split_head
 
     with pytest.raises(UserError, match=match):
         split_head(_graph_model(nodes, inits, ["w"]), ["w"], "data", "logits")
+
+
+def test_what_the_layer_list_cannot_hold_becomes_the_node_list():
+    """A frozen bias or a reshape inside the trainable part: the node list (version 2.0) holds them as
+    constants read by their nodes, named as in the graph; the cut becomes `features`, the output `logits`."""
+    from edgetune.convert.split import split_head
+
+    nodes = [helper.make_node("MatMul", ["feat", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "c"], ["added"], name="a"),
+             helper.make_node("Reshape", ["added", "shape"], ["logits"], name="rs")]
+    head = split_head(_graph_model(nodes, [("w", np.ones((4, 2))), ("c", np.ones(2)), ("shape", np.array([0, -1]))], ["w"]),
+                      ["w"], "data", "logits")
+    assert head.graph and head.boundary == "feat" and sorted(head.constants) == ["c", "shape"]
+    assert head.layers[0] == {"op": "MatMul", "name": "mm", "inputs": ["features", "w"], "outputs": ["mm"],
+                              "attributes": {}}
+    assert head.layers[-1]["outputs"] == ["logits"]
+    np.testing.assert_array_equal(head.params["w"], np.ones((4, 2)))  # the node list keeps ONNX's layout
+
+
+def test_an_op_the_engine_cannot_differentiate_fails_convert_naming_it_and_writes_nothing(tmp_path):
+    nodes = [helper.make_node("MatMul", ["feat", "w"], ["mm"], name="mm"),
+             helper.make_node("Softmax", ["mm"], ["logits"], name="the_softmax")]
+    onnx.save(_graph_model(nodes, [("w", np.ones((4, 2)))], ["w"]), tmp_path / "train.onnx")
+    with pytest.raises(UserError, match=r"unsupported op Softmax in the trainable part \(node 'the_softmax'\)"):
+        convert(tmp_path / "train.onnx", tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.onnx"]
 
 
 def test_plain_onnx_is_refused_with_a_hint(tmp_path):

@@ -94,9 +94,21 @@ def test_wrong_magic():
 def test_newer_major_version_refused_newer_minor_read():
     header, data = _parts(GOLDEN)
     with pytest.raises(VersionError, match="newer"):
-        load(_resign(header, data, major=2))
+        load(_resign(header, data, major=3))
     header["meta"]["future_key"] = 1
-    assert load(_resign(header, data, minor=7)).meta["future_key"] == 1
+    newer = load(_resign(header, data, minor=7))
+    assert newer.meta["future_key"] == 1 and newer.version == (1, 7)
+
+
+def test_version_is_the_files_own_and_kept_on_save():
+    assert load(GOLDEN).version == (1, 0)  # what this tiny file needs: written as 1.0, the golden bytes above
+    two = _tiny()
+    two.version = (2, 0)
+    assert load(save(two)).version == (2, 0)
+    assert save(load(save(two))) == save(two)
+    two.version = (3, 0)
+    with pytest.raises(ValueError, match="cannot write format version 3.0"):
+        save(two)
 
 
 def test_lying_sizes():

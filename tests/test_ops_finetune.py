@@ -110,6 +110,23 @@ def test_conv_skips_gradients_nobody_needs_and_ignores_memory_layout():
     np.testing.assert_allclose(again.backward(np.ascontiguousarray(grad))[1], dw, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("case", ["depthwise-5x5-s2-asymmetric", "grouped-3x3"])
+def test_conv_in_chunks_of_images_computes_the_same(monkeypatch, case):
+    import edgetune.runtime.ops.conv as conv_module
+
+    shape, m, k, stride, pads, group, bias = CONVS[case]
+    rng = np.random.default_rng(11)
+    x, w = _rand(rng, 3, *shape[1:]), _rand(rng, m, shape[1] // group, k, k)
+    results = []
+    for chunk in (1 << 30, 1):  # whole batch, then one image per chunk
+        monkeypatch.setattr(conv_module, "CHUNK_BYTES", chunk)
+        op = Conv(strides=[stride, stride], pads=list(pads), group=group)
+        y = op.forward(x, w)
+        results.append((y, *op.backward(np.ones_like(y) + y)))
+    for whole, chunked in zip(*results, strict=True):
+        np.testing.assert_allclose(chunked, whole, rtol=TOL, atol=TOL)
+
+
 def test_conv_refuses_what_it_cannot_run():
     with pytest.raises(UnknownOp, match="dilations"):
         Conv(dilations=[2, 2])

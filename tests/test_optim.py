@@ -205,3 +205,47 @@ def test_gradients_can_be_inspected_and_a_bad_step_is_refused_untouched() -> Non
     assert opt.step_count == 0 and np.array_equal(p.data, np.ones(3))
     opt.zero_grad()
     assert not p.grad.any()
+
+
+@pytest.mark.parametrize("setting", ["sgd_seed", "adam", "adamw_strong_decay"])
+def test_parameter_groups_track_torch_param_groups(setting: str) -> None:
+    """`meta["param_groups"]`: each group trains at lr * lr_scale, as torch with one group per scale."""
+    cfg = SETTINGS[setting]
+    groups = [{"name": "head", "params": ["w1"], "lr_scale": 1.0},
+              {"name": "backbone", "params": ["w0", "b0"], "lr_scale": 0.1}]
+    rng = np.random.default_rng(5)
+    init = {"w0": rng.normal(0, 0.3, (6, 10)), "b0": rng.normal(0, 0.1, (6,)), "w1": rng.normal(0, 0.3, (4, 6))}
+    module = _module(HEADS["dense_relu_dense"], init)
+    opt = make_optimizer(cfg, module.parameters(), param_groups=groups)
+    tnet = torch.nn.Sequential(torch.nn.Linear(10, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4, bias=False))
+    with torch.no_grad():
+        tnet[0].weight.copy_(torch.from_numpy(module.params["w0"].data))
+        tnet[0].bias.copy_(torch.from_numpy(module.params["b0"].data))
+        tnet[2].weight.copy_(torch.from_numpy(module.params["w1"].data))
+    kw = {k: v for k, v in cfg.items() if k != "name"}
+    topt = TORCH_CLASSES[cfg["name"]]([{"params": [tnet[2].weight]},
+                                       {"params": [tnet[0].weight, tnet[0].bias], "lr": cfg["lr"] * 0.1}], **kw)
+    for _ in range(50):
+        y = rng.integers(0, 4, 8)
+        x = rng.normal(0, 1, (8, 10)).astype(np.float32)
+        onehot = np.eye(4, dtype=np.float32)[y]
+        opt.zero_grad()
+        module(x, onehot)
+        opt.step()
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tnet(torch.from_numpy(x)), torch.from_numpy(onehot)).backward()
+        topt.step()
+    for name, ref in (("w0", tnet[0].weight), ("b0", tnet[0].bias), ("w1", tnet[2].weight)):
+        ref = ref.detach().numpy()
+        np.testing.assert_allclose(module.params[name].data, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_parameter_groups_are_checked() -> None:
+    params = [Parameter("a", np.zeros(2)), Parameter("b", np.zeros(2))]
+    assert Optimizer(params, SGD(), lr_scales={"a": 0.5}).lr_scales == {"a": 0.5, "b": 1.0}
+    for groups, match in [([{"params": ["a"], "lr_scale": -1}], "lr_scale >= 0"),
+                          ([{"params": ["zz"], "lr_scale": 1}], "not a trainable parameter"),
+                          ([{"params": ["a"], "lr_scale": 1}, {"params": ["a"], "lr_scale": 2}], "two parameter groups"),
+                          ({"params": ["a"]}, "must be a list")]:
+        with pytest.raises(UserError, match=match):
+            make_optimizer(SETTINGS["adam"], params, param_groups=groups)

@@ -467,7 +467,7 @@ META_CASES = {
     "resize_shorter a string": (_set(("preprocessing", "resize_shorter"), "huge"), "resize_shorter must be null"),
     "frozen.features 10^9": (_set(("frozen", "features"), 10**9), "frozen.features is 1000000000"),
     "class name of 10^5 characters": (_set(("class_names",), ["x" * 100_000, "b", "c"]), "100000 characters"),
-    "head of 1000 layers": (_set(("head",), [{"op": "relu"}] * 1000), "head has 1000 layers"),
+    "head of 2000 layers": (_set(("head",), [{"op": "relu"}] * 2000), "head has 2000 layers"),
     "5000 entries": (_many_entries, "{entries} entries, over the limit of 4096"),
 }
 

@@ -1,12 +1,15 @@
 """`edgetune export`: build a TransferNet from the backbone registry and export its ONNX training graph.
 
 The seed's `transfer_learning_export.py`. Options shared with `edgetune convert --backbone-onnx`
-(optimizer, classes, batch size, seed) are defined here once.
+(optimizer, classes, batch size, seed) are defined here once. `--trainable` chooses how deep the
+device fine-tunes; each choice brings its measured default optimizer and learning rates, which
+the optimizer options override one by one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -24,8 +27,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dataset's classes.txt (or its directory): lines `<folder>\\t<name>`")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights (default 0)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd", help="default sgd")
-    parser.add_argument("--lr", type=float, help=f"learning rate (default sgd {SGD.lr}, adam {Adam.lr})")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                        help="default: the --trainable choice's recipe (export), sgd (convert)")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default: the recipe's; sgd {SGD.lr}, adam {Adam.lr})")
     parser.add_argument("--momentum", type=float, help=f"sgd (default {SGD.momentum})")
     parser.add_argument("--dampening", type=float, help=f"sgd (default {SGD.dampening})")
     parser.add_argument("--nesterov", action="store_true", default=None, help="sgd")
@@ -35,20 +39,24 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=float, help=f"adam (default {Adam.eps})")
 
 
-def optimizer_from(args: argparse.Namespace) -> Algorithm:
-    """The optimizer entry the options describe: the chosen one's defaults, overridden by the options given.
+def optimizer_from(args: argparse.Namespace, base: Algorithm = SGD()) -> Algorithm:
+    """The optimizer entry the options describe: `base` (a recipe's) with the options given on top.
+
+    `--optimizer` picks the entry (default: `base`'s); another entry than `base`'s starts from its
+    own defaults. Every option given replaces that one setting.
 
     Raises:
         UserError: an option the chosen optimizer does not have, or a bad value.
     """
-    algorithm = OPTIMIZERS[args.optimizer]
+    algorithm = OPTIMIZERS[args.optimizer] if args.optimizer is not None else type(base)
+    start = base if type(base) is algorithm else algorithm()
     settings = set(algorithm.settings())
     given = {name: getattr(args, name) for name in SETTING_OPTIONS if getattr(args, name, None) is not None}
     foreign = sorted(set(given) - settings)
     if foreign:
-        raise UserError(f"--{foreign[0].replace('_', '-')} is not a setting of {args.optimizer} "
+        raise UserError(f"--{foreign[0].replace('_', '-')} is not a setting of {algorithm.name} "
                         f"(it has {', '.join(sorted(settings))})")
-    return algorithm(**given)
+    return dataclasses.replace(start, **given)
 
 
 def class_names_from(args: argparse.Namespace) -> tuple[int, list[str] | None]:
@@ -77,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, metavar="FILE", help="backbone weights (a PyTorch state dict file)")
     parser.add_argument("--head-hidden", type=int, metavar="N", help="add a hidden Dense(N) + ReLU layer to the head")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout before the last layer (with --head-hidden)")
+    parser.add_argument("--trainable", default="head", metavar="CHOICE",
+                        help="what the device trains: head (default, the seed's), last-block, last-stage, or "
+                             "comma-separated module names such as backbone._blocks.15,backbone._conv_head "
+                             "(the head always trains); each choice brings its default optimizer and rates")
+    parser.add_argument("--backbone-lr-scale", type=float, metavar="X",
+                        help="learning-rate factor of the backbone parameters that train (default: the recipe's)")
     add_training_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
                         help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
@@ -84,19 +98,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     num_classes, names = class_names_from(args)
-    optimizer = optimizer_from(args)  # bad settings fail here, before the slow part
     if args.head_hidden is not None and args.head_hidden < 1:
         raise UserError(f"--head-hidden must be >= 1, got {args.head_hidden}")
     if args.dropout and (args.head_hidden is None or not 0 <= args.dropout < 1):
         raise UserError("--dropout needs --head-hidden and a value in [0, 1)")
+    if args.backbone_lr_scale is not None and not args.backbone_lr_scale > 0:
+        raise UserError(f"--backbone-lr-scale must be > 0, got {args.backbone_lr_scale}")
     from edgetune.host import TransferNet, create_backbone, default_head, export
+    from edgetune.host.trainable import select
 
     backbone, info = create_backbone(args.backbone, args.weights)
     head = default_head(info.features, num_classes, seed=args.seed, hidden=args.head_hidden, dropout=args.dropout)
     net = TransferNet(backbone, head)
-    path = export(net, net.head.parameters(), optimizer=optimizer, batch_size=args.batch_size, class_names=names,
-                  path=args.output)
-    weights = sum(p.numel() for p in head.parameters())
-    print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, {weights} trainable weights, "
-          f"{args.optimizer}, batch {args.batch_size})")
+    selection = select(net, args.trainable)
+    optimizer = optimizer_from(args, selection.recipe.optimizer)
+    path = export(net, args.trainable, optimizer=optimizer, batch_size=args.batch_size, class_names=names,
+                  path=args.output, backbone_lr_scale=args.backbone_lr_scale)
+    params = dict(net.named_parameters())
+    weights = sum(params[n].numel() for n in selection.params)
+    print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, trainable {selection.choice}: "
+          f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, batch {args.batch_size})")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,12 +24,12 @@ from edgetune.convert import frozen
 from edgetune.convert.quantize import quantize_frozen
 from edgetune.convert.spec import METADATA_KEY, SGD, Algorithm, Int8, check_loss, optimizer_slots
 from edgetune.convert.spec import preprocessing as preset
-from edgetune.convert.split import split_head
+from edgetune.convert.split import Head, split_head
 from edgetune.errors import UserError
 from edgetune.runtime.bounds import memory_limit
 from edgetune.runtime.format import TodFile, load_file, save_file
 from edgetune.runtime.safe_read import read_file
-from edgetune.runtime.head import head_graph
+from edgetune.runtime.head import OUTPUT, head_graph
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
 
@@ -64,10 +65,11 @@ def convert(model_path: str | os.PathLike, output: str | os.PathLike, *, quantiz
                         f"`edgetune export`, or convert a plain backbone with --backbone-onnx and --cut")
     info = json.loads(entry)
     check_loss(info["loss"])
-    head = split_head(model, info["trainable"], info["input"]["name"], info["output"])
-    blob, features = _frozen(model, info["input"]["name"], head.boundary, tuple(info["input"]["shape"][1:]))
+    head = split_head(model, info["trainable"], info["input"]["name"], info["output"], info.get("buffers", []),
+                      cut_name=frozen.FEATURES, output_as=OUTPUT)
+    blob, shape = _frozen(model, info["input"]["name"], head.boundary, tuple(info["input"]["shape"][1:]))
     blob, quantization = _quantized(blob, info, quantize)
-    return _write(output, info, blob, features, head.layers, head.params, quantization)
+    return _write(output, info, blob, shape, head, quantization)
 
 
 def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, output: str | os.PathLike, *,
@@ -113,7 +115,10 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
     if isinstance(preprocessing, str):
         preprocessing = preset(preprocessing, chw[1:])
     check_loss(loss)
-    blob, features = _frozen(model, inputs[0].name, cut, chw)
+    blob, shape = _frozen(model, inputs[0].name, cut, chw)
+    if len(shape) != 1:
+        raise UserError(f"tensor {cut!r} is {list(shape)} per image; a backbone's cut must be (N, features)")
+    features = shape[0]
     rng = np.random.default_rng(seed)
     params = {"head.weight": rng.normal(0.0, 0.1, (num_classes, features)).astype(np.float32),
               "head.bias": np.zeros(num_classes, np.float32)}
@@ -127,7 +132,7 @@ def convert_backbone(onnx_path: str | os.PathLike, cut: str, num_classes: int, o
     }
     layers = [{"op": "dense", "weight": "head.weight", "bias": "head.bias"}]
     blob, quantization = _quantized(blob, info, quantize)
-    return _write(output, info, blob, features, layers, params, quantization)
+    return _write(output, info, blob, shape, Head(cut, layers, params), quantization)
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -151,7 +156,7 @@ def _chw(value: onnx.ValueInfoProto) -> tuple[int, int, int]:
     return shape[1], shape[2], shape[3]
 
 
-def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, ...]) -> tuple[bytes, int]:
+def _frozen(model: onnx.ModelProto, input_name: str, cut: str, chw: tuple[int, ...]) -> tuple[bytes, tuple[int, ...]]:
     frozen.check_source(model, chw)
     blob = frozen.optimize(frozen.extract(model, input_name, cut))
     frozen.check(blob, input_name, chw)
@@ -165,17 +170,24 @@ def _quantized(blob: bytes, info: dict[str, Any], spec: Int8 | None) -> tuple[by
     return quantize_frozen(blob, info["input"]["name"], info["preprocessing"], spec, info["num_classes"])
 
 
-def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, features: int,
-           layers: list[dict[str, Any]], params: dict[str, np.ndarray],
+def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, shape: tuple[int, ...], head: Head,
            quantization: dict[str, Any] | None = None) -> str:
-    """Check the head's shapes against the features and classes, build the `.tod`, save it atomically."""
+    """Check the head's shapes against the cut and classes, build the `.tod`, save it atomically.
+
+    A layer-list head makes a version-1.0 file, as before; a node-list head (a trainable sub-graph)
+    a version-2.0 file with the cut's shape, its buffers and constants (docs/FORMAT.md).
+    """
+    features = math.prod(shape)
+    params = head.params
     try:  # the runtime's own check: one sample through the head as the device will build it
-        nodes, constants = head_graph(layers, frozen.FEATURES, params)
-        module = Module(nodes, {n: Parameter(n, v) for n, v in params.items()}, frozen.FEATURES,
-                        nodes[-1].outputs[0], constants, info["loss"])
+        nodes, constants = head_graph(head.layers, frozen.FEATURES, params)
+        module = Module(nodes, {n: Parameter(n, v) for n, v in params.items()}, frozen.FEATURES, OUTPUT,
+                        {**constants, **head.constants, **head.buffers}, info["loss"],
+                        input_shape=shape if head.graph else None)
         module.check(features, info["num_classes"])
     except ValueError as e:
-        raise UserError(f"the head does not fit the {features} features and {info['num_classes']} classes: {e}") from None
+        raise UserError(f"the head does not fit the {features} frozen features and {info['num_classes']} classes: "
+                        f"{e}") from None
     path = tod_path(output)
     meta = {
         "name": os.path.basename(path)[: -len(".tod")],
@@ -183,8 +195,10 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
         **{k: info[k] for k in ("backbone", "num_classes", "class_names", "batch_size", "input", "label",
                                 "preprocessing", "trainable", "loss", "optimizer")},
         "frozen": {"blob": FROZEN_BLOB, "input": info["input"]["name"], "output": frozen.FEATURES,
-                   "features": features},
-        "head": layers,
+                   "features": features, **({"shape": list(shape)} if head.graph else {})},
+        "head": head.layers,
+        **({"buffers": sorted(head.buffers)} if head.buffers else {}),
+        **({"param_groups": info["param_groups"]} if info.get("param_groups") else {}),
         "optimizer_step": 0,
         "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,
                      "seed": None, "rng_state": None, "data_cursor": None},
@@ -192,10 +206,13 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, feature
     if quantization is not None:
         meta["frozen"]["quantization"] = quantization
     tensors = {f"param/{name}": np.ascontiguousarray(v, np.float32) for name, v in params.items()}
+    tensors.update((f"buffer/{name}", np.ascontiguousarray(v, np.float32)) for name, v in head.buffers.items())
+    tensors.update((f"const/{name}", np.ascontiguousarray(v)) for name, v in head.constants.items())
     for name, value in params.items():
         for slot in optimizer_slots(meta["optimizer"]):
             tensors[f"optim/{name}/{slot}"] = np.zeros_like(value, np.float32)
-    return save_file(TodFile(meta=meta, tensors=tensors, blobs={FROZEN_BLOB: blob}), path)
+    version = (2, 0) if head.graph else (1, 0)
+    return save_file(TodFile(meta=meta, tensors=tensors, blobs={FROZEN_BLOB: blob}, version=version), path)
 
 
 def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8) -> str:
@@ -223,4 +240,5 @@ def quantize_tod(model: str | os.PathLike, output: str | os.PathLike, spec: Int8
                                                            meta["preprocessing"], spec, meta["num_classes"])
     path = tod_path(output)
     meta["name"] = os.path.basename(path)[: -len(".tod")]
-    return save_file(TodFile(meta=meta, tensors=dict(tod.tensors), blobs={**tod.blobs, name: blob}), path)
+    return save_file(TodFile(meta=meta, tensors=dict(tod.tensors), blobs={**tod.blobs, name: blob}, version=tod.version),
+                     path)

@@ -129,20 +129,23 @@ def portable(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
-def probe(blob: bytes, input_name: str, chw: tuple[int, int, int]) -> int:
-    """Run the frozen part on batches of 1 and 2; return the feature width F of its (N, F) output.
+def probe(blob: bytes, input_name: str, chw: tuple[int, int, int]) -> tuple[int, ...]:
+    """Run the frozen part on batches of 1 and 2; return the per-image shape of its output (F,) or (C, H, W).
 
     Raises:
-        UserError: the graph does not run, or its output is not (N, F) for both batch sizes.
+        UserError: the graph does not run, or its output is not (N, F) or (N, C, H, W) with the same
+            per-image shape for both batch sizes.
     """
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    widths = set()
+    shapes = set()
     for n in (1, 2):
         try:
             (out,) = sess.run([FEATURES], {input_name: np.zeros((n, *chw), np.float32)})
         except Exception as e:  # onnxruntime's own error types
             raise UserError(f"the frozen part does not run on a batch of {n}: {e}") from None
-        if out.ndim != 2 or out.shape[0] != n:
-            raise UserError(f"the cut tensor must be (N, features) per image; on a batch of {n} it is {out.shape}")
-        widths.add(out.shape[1])
-    return widths.pop()
+        if out.ndim not in (2, 4) or out.shape[0] != n:
+            raise UserError(f"the cut tensor must be (N, features) or (N, C, H, W); on a batch of {n} it is {out.shape}")
+        shapes.add(tuple(int(d) for d in out.shape[1:]))
+    if len(shapes) != 1:
+        raise UserError(f"the cut tensor's per-image shape depends on the batch size: {sorted(shapes)}")
+    return shapes.pop()

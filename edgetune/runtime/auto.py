@@ -203,7 +203,8 @@ def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ct
     meta["optimizer"] = {**meta["optimizer"], "lr": float(lr), "weight_decay": float(weight_decay)}
     meta["training"].pop("base_lr", None)  # a schedule of an earlier run would override this rate (CosineLR)
     tensors = {name: np.array(t, copy=True) for name, t in model.tensors.items()}  # a session trains its arrays in place
-    session = TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs), ctx or Context(), path)
+    session = TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs, version=model.version),
+                           ctx or Context(), path)
     prepare(session, float(lr), float(weight_decay), zero_classifier)
     return session
 

@@ -38,7 +38,7 @@ from edgetune.runtime.bounds import OverBudget, entries_problem, memory_limit
 from edgetune.runtime.safe_read import TooLarge, UnsafeFile, read_file
 
 MAGIC = b"EDGETOD\x00"
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 2, 0  # the newest version this reader knows; a file is written at its own `TodFile.version`
 PREAMBLE = struct.Struct("<8sHHIQ32s")  # magic, major, minor, reserved, header length, header sha256
 MAX_HEADER = 64 * 1024 * 1024
 ALIGN = 8
@@ -71,11 +71,17 @@ class ChecksumError(TodError):
 
 @dataclass
 class TodFile:
-    """The parsed contents of a `.tod`: metadata, named tensors and named opaque blobs."""
+    """The parsed contents of a `.tod`: metadata, named tensors and named opaque blobs.
+
+    `version` is the (major, minor) the file declares: 1.0 unless its content needs more (2.0: a
+    trainable sub-graph with buffers, docs/FORMAT.md); a file read and saved again keeps it, so a
+    version-1 model's checkpoints stay version-1 files, byte for byte what they were.
+    """
 
     meta: dict[str, Any]
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    version: tuple[int, int] = (1, 0)
 
 
 def _align(n: int) -> int:
@@ -113,7 +119,10 @@ def save(tod: TodFile) -> bytes:
     header += b" " * (_align(len(header)) - len(header))
     if len(header) > MAX_HEADER:
         raise ValueError(f"header of {len(header)} bytes exceeds the {MAX_HEADER}-byte limit")
-    pre = PREAMBLE.pack(MAGIC, MAJOR, MINOR, 0, len(header), hashlib.sha256(header).digest())
+    major, minor = tod.version
+    if not (1 <= major <= MAJOR and minor >= 0):
+        raise ValueError(f"cannot write format version {major}.{minor} (this writer knows 1.0 to {MAJOR}.{MINOR})")
+    pre = PREAMBLE.pack(MAGIC, major, minor, 0, len(header), hashlib.sha256(header).digest())
     return b"".join([pre, header, *chunks])
 
 
@@ -145,7 +154,7 @@ def load(data: bytes | memoryview, *, verify: bool = True) -> TodFile:
         raise ChecksumError("header checksum mismatch: the file is corrupt")
     header = _parse_header(header_bytes)
     body = view[data_start:]
-    tod = TodFile(meta=header["meta"])
+    tod = TodFile(meta=header["meta"], version=(major, minor))
     pos = 0
     for name in sorted(header["entries"]):
         entry = header["entries"][name]

@@ -1,10 +1,17 @@
-"""`meta["head"]`: the `.tod`'s list form of the trainable part, read into graph nodes and written from them.
+"""`meta["head"]`: the `.tod`'s form of the trainable part, read into graph nodes and written from them.
 
-Version 1.0 of the file stores the trainable part as a chain of layers (docs/FORMAT.md `head`); each
-entry stands for one node of an ONNX op type (`HEAD_OPS`). `head_graph` reads the list for the
-runtime's `Module`; `head_list` writes it from the nodes the converter found in a training graph.
-Both directions live here, so the runtime, the converter and the benchmark's torch head read one
-table; the op types themselves are the op registry's (`edgetune.runtime.ops`).
+Two forms (docs/FORMAT.md `head`):
+
+- the *layer list* (version 1.0): a chain of layers, each entry standing for one node of an ONNX op
+  type (`HEAD_OPS`); `head_list` writes it, and the converter uses it whenever the trainable part
+  is such a chain (the seed's head), so those files stay version 1.0, byte for byte;
+- the *node list* (version 2.0): a trainable sub-graph cut out of a backbone (Conv, BatchNormalization,
+  residual Adds: a DAG), one entry per ONNX node with its op type, named inputs and outputs and
+  attributes; `head_nodes` writes it. It reads the cut tensor (`meta.frozen.output`) and writes `OUTPUT`.
+
+`head_graph` reads either for the runtime's `Module`. Both directions live here, so the runtime,
+the converter and the benchmark read one table; the op types themselves are the op registry's
+(`edgetune.runtime.ops`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ def head_graph(head: Sequence[Mapping[str, Any]], input: str,
     """
     if not head:
         raise ValueError("the head has no layers")
+    if is_node_list(head):
+        return _graph_nodes(head), {}
     nodes: list[Node] = []
     constants: dict[str, np.ndarray] = {}
     current = input
@@ -66,6 +75,54 @@ def head_graph(head: Sequence[Mapping[str, Any]], input: str,
         nodes.append(Node(HEAD_OPS[op], inputs, (out,), attributes, name=f"head/{i}"))
         current = out
     return nodes, constants
+
+
+def is_node_list(head: Sequence[Any]) -> bool:
+    """Whether `meta["head"]` is the node list (version 2.0) rather than the layer list: its entries name inputs."""
+    return bool(head) and all(isinstance(e, Mapping) and "inputs" in e for e in head)
+
+
+def _graph_nodes(head: Sequence[Mapping[str, Any]]) -> list[Node]:
+    """The node list's entries as `Node`s; the `Module` then checks ops, attributes and wiring."""
+    nodes = []
+    for i, e in enumerate(head):
+        op, name, attributes = e.get("op"), e.get("name", f"head/{i}"), e.get("attributes", {})
+        inputs, outputs = e.get("inputs"), e.get("outputs")
+        if not (isinstance(op, str) and isinstance(name, str) and isinstance(attributes, Mapping)
+                and isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)
+                and isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], str) and outputs[0]):
+            raise ValueError(f"head node {i} must be {{op, name, inputs: [names], outputs: [one name], "
+                             f"attributes: {{}}}}, got {dict(e)!r:.120}")
+        nodes.append(Node(op, tuple(inputs), tuple(outputs), dict(attributes), name))
+    if OUTPUT not in {n.outputs[0] for n in nodes}:
+        raise ValueError(f"no head node writes the output {OUTPUT!r}")
+    return nodes
+
+
+def head_nodes(nodes: Sequence[Node], rename: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Write a trainable sub-graph as the node list (version 2.0): one entry per node, first output only.
+
+    Args:
+        nodes: the trainable part in topological order; only each node's first output may be read
+            (the converter checked).
+        rename: tensor names to change, e.g. the cut to `meta.frozen.output` and the graph's output
+            to `OUTPUT`.
+
+    Returns:
+        The entries, attributes as JSON values (ONNX string attributes decoded from bytes).
+    """
+    def value(v: Any) -> Any:
+        if isinstance(v, bytes):
+            return v.decode("utf-8")
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return [{"op": n.op_type, "name": n.name, "inputs": [rename.get(x, x) for x in n.inputs],
+             "outputs": [rename.get(n.outputs[0], n.outputs[0])],
+             "attributes": {k: value(v) for k, v in sorted(n.attributes.items())}} for n in nodes]
 
 
 def _dense_params(i: int, item: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> tuple[str, ...]:

@@ -70,6 +70,19 @@ def check_meta(meta: dict[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
             raise ModelError(f"frozen.{key} must be a string, got {frozen.get(key)!r}")
     if frozen.get("features") is not None:
         _count(frozen["features"], "frozen.features")
+    shape = frozen.get("shape")
+    if shape is not None:  # the cut's per-image shape, e.g. [192, 7, 7]; the cache keeps it flat
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(type(d) is int and d > 0 for d in shape)):
+            raise ModelError(f"frozen.shape must be 1 to 3 integers >= 1, got {shape!r:.80}")
+        if frozen.get("features") != math.prod(shape):
+            raise ModelError(f"frozen.shape {shape} does not hold frozen.features={frozen.get('features')} values")
+    buffers = meta.get("buffers", [])
+    if not (isinstance(buffers, list) and all(isinstance(b, str) for b in buffers)):
+        raise ModelError(f"buffers must be a list of names, got {buffers!r:.80}")
+    for name in buffers:
+        t = tensors.get(f"buffer/{name}")
+        if t is None or t.dtype != np.float32:
+            raise ModelError(f"buffer {name!r} has no float32 tensor buffer/{name}")
     for name in meta["trainable"]:
         t = tensors.get(f"param/{name}") if isinstance(name, str) else None
         if t is None:

@@ -50,6 +50,11 @@ class Module:
         constants: fixed tensors the nodes read, by name.
         loss: the loss between logits and labels, by `meta["loss"]` name (`ops.loss.LOSSES`).
         rng: the generator random ops (dropout) draw from; its state travels in checkpoints.
+        input_shape: the cut's per-sample shape, e.g. (192, 7, 7): the frozen part's output, which
+            the feature cache keeps flat as (N, F) rows, is viewed as (N, *input_shape). None: (N, F).
+
+    Constants are used as given, not copied: a BatchNormalization in batch-statistics mode updates
+    its running statistics (buffers) in place, and the caller that passed them saves them.
 
     Raises:
         ValueError: an unknown op, an attribute it does not accept, a tensor nothing provides, a
@@ -58,8 +63,9 @@ class Module:
 
     def __init__(self, nodes: Sequence[Node], parameters: Mapping[str, Parameter], input: str, output: str,
                  constants: Mapping[str, np.ndarray] | None = None, loss: str = "softmax_cross_entropy",
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, input_shape: Sequence[int] | None = None) -> None:
         self.params = dict(parameters)
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.constants = {k: np.asarray(v) for k, v in (constants or {}).items()}
         self.input, self.output = input, output
         self.rng = rng if rng is not None else np.random.Generator(np.random.PCG64(0))
@@ -133,6 +139,8 @@ class Module:
         Raises:
             ValueError: a node cannot take its inputs (their shapes are named in the message).
         """
+        if self.input_shape is not None:
+            features = features.reshape(len(features), *self.input_shape)
         values: dict[str, np.ndarray] = {self.input: features, **self.constants}
         values.update((name, p.data) for name, p in self.params.items())
         for node, op in zip(self.nodes, self.ops):
@@ -193,7 +201,8 @@ class Module:
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}{tuple(p.data.shape)}" for n, p in self.params.items())
-        chain = " -> ".join(repr(op) for op in self.ops)
+        chain = " -> ".join(repr(op) for op in self.ops) if len(self.ops) <= 8 else \
+            f"{len(self.ops)} nodes ({', '.join(sorted({n.op_type for n in self.nodes}))})"
         return f"Module({self.input} -> {chain} -> {self.output}; parameters {shapes})"
 
 

@@ -201,18 +201,27 @@ class Optimizer:
     several for a larger virtual batch), and `step` applies one update: gradients can be inspected
     or accumulated in between.
 
+    Parameter groups (torch's `param_groups`, `meta["param_groups"]` in a model) are learning-rate
+    factors: parameter `p` trains at `lr * lr_scales[p]` (1 when absent). A schedule changes `lr`,
+    so every group's rate follows it and the ratios stay. Each update rule sees its group's rate
+    as `lr`, which is exactly what torch does with a group whose lr is that rate (AdamW's decoupled
+    decay included).
+
     Args:
         params: the parameters (a `Module`'s `parameters()`).
         algorithm: the settings and update rule, e.g. `SGD(lr=0.01)`.
         step_count: steps already taken (from a checkpoint): SGD's first step and Adam's bias
             correction depend on it.
+        lr_scales: learning-rate factor by parameter name (parameter groups); absent names train at `lr`.
     """
 
-    def __init__(self, params: Sequence[Parameter], algorithm: Algorithm, step_count: int = 0) -> None:
+    def __init__(self, params: Sequence[Parameter], algorithm: Algorithm, step_count: int = 0,
+                 lr_scales: Mapping[str, float] | None = None) -> None:
         self.params = list(params)
         self.algorithm = algorithm
         self.lr = float(algorithm.lr)  # the live rate: schedules change it between steps
         self.step_count = int(step_count)
+        self.lr_scales = {p.name: float((lr_scales or {}).get(p.name, 1.0)) for p in self.params}
         self.state: dict[str, dict[str, np.ndarray]] = {
             p.name: {s: np.zeros_like(p.data) for s in algorithm.slots} for p in self.params}
 
@@ -240,7 +249,8 @@ class Optimizer:
         self.step_count += 1
         with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
             for p in self.params:
-                self.algorithm.update(p, self.state[p.name], self.step_count, self.lr)
+                scale = self.lr_scales[p.name]
+                self.algorithm.update(p, self.state[p.name], self.step_count, self.lr if scale == 1.0 else self.lr * scale)
         tensors = [p.data for p in self.params] + list(self.state_tensors().values())
         if not all(np.isfinite(t).all() for t in tensors):
             for p, before in zip(self.params, params):
@@ -277,10 +287,37 @@ class Optimizer:
         return f"Optimizer({self.algorithm!r}, lr={self.lr:g}, step={self.step_count})"
 
 
-def make_optimizer(config: Mapping[str, Any], params: Sequence[Parameter], step_count: int = 0) -> Optimizer:
-    """The optimizer a model's `meta["optimizer"]` describes, over `params`.
+def make_optimizer(config: Mapping[str, Any], params: Sequence[Parameter], step_count: int = 0,
+                   param_groups: Sequence[Mapping[str, Any]] | None = None) -> Optimizer:
+    """The optimizer a model's `meta["optimizer"]` (and `meta["param_groups"]`, if any) describes, over `params`.
 
     Raises:
-        UserError: an unknown optimizer, a missing, unknown or bad setting.
+        UserError: an unknown optimizer, a missing, unknown or bad setting, or parameter groups that
+            are not `[{"name", "params", "lr_scale"}, ...]` covering each parameter at most once.
     """
-    return Optimizer(params, Algorithm.from_meta(config), step_count)
+    return Optimizer(params, Algorithm.from_meta(config), step_count, lr_scales(param_groups or [], params))
+
+
+def lr_scales(param_groups: Sequence[Mapping[str, Any]], params: Sequence[Parameter]) -> dict[str, float]:
+    """`meta["param_groups"]` as a learning-rate factor per parameter name, checked.
+
+    Raises:
+        UserError: a group that is not an object with a `params` list and a finite `lr_scale` >= 0, a
+            name that is no parameter, or a parameter in two groups.
+    """
+    names = {p.name for p in params}
+    scales: dict[str, float] = {}
+    if not isinstance(param_groups, list):
+        raise UserError(f"param_groups must be a list, got {param_groups!r:.80}")
+    for group in param_groups:
+        scale = group.get("lr_scale", 1.0) if isinstance(group, Mapping) else None
+        members = group.get("params") if isinstance(group, Mapping) else None
+        if not (_is_number(scale) and math.isfinite(scale) and scale >= 0 and isinstance(members, list)):
+            raise UserError(f"a parameter group must have a params list and an lr_scale >= 0, got {group!r:.80}")
+        for name in members:
+            if name not in names:
+                raise UserError(f"parameter group {group.get('name')!r} names {name!r}, not a trainable parameter")
+            if name in scales:
+                raise UserError(f"parameter {name!r} is in two parameter groups")
+            scales[name] = float(scale)
+    return scales

@@ -32,7 +32,7 @@ from edgetune.runtime.bounds import OverBudget
 from edgetune.runtime.cache import FeatureCache
 from edgetune.runtime.checkpoint import CheckpointState
 from edgetune.runtime.frozen import Context, FrozenPart
-from edgetune.runtime.head import head_graph
+from edgetune.runtime.head import OUTPUT, head_graph
 from edgetune.runtime.meta import ModelError
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
@@ -91,12 +91,16 @@ class TrainSession:
         if meta["training"].get("dropout_rng_state") is not None:
             rng.bit_generator.state = meta["training"]["dropout_rng_state"]
         nodes, constants = head_graph(meta["head"], frozen["output"], state.parameters)
-        self.module = Module(nodes, params, frozen["output"], nodes[-1].outputs[0], constants,
-                             meta.get("loss", "softmax_cross_entropy"), rng)
+        self._constants = {n: np.array(v) for n, v in state.constants.items()}
+        self._buffers = {n: np.array(v, np.float32) for n, v in state.buffers.items()}  # updated in place by BN
+        self._version = state.version
+        shape = frozen.get("shape")
+        self.module = Module(nodes, params, frozen["output"], OUTPUT, {**constants, **self._constants, **self._buffers},
+                             meta.get("loss", "softmax_cross_entropy"), rng, shape)
         if self.frozen.width is not None:
             self.module.check(self.frozen.width, meta["num_classes"])
         step = meta.get("optimizer_step", 0)
-        self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step)
+        self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step, meta.get("param_groups"))
         self.optimizer.load_state(state.optimizer_state)
         absent = [name for name in self.optimizer.state_tensors() if name not in state.optimizer_state]
         if step > 0 and absent:  # zeros would silently restart momentum / Adam moments mid-run
@@ -364,7 +368,8 @@ class TrainSession:
             meta["training"]["dropout_rng_state"] = self.module.rng.bit_generator.state
         return CheckpointState(meta, self.parameters(),
                                {k: v.copy() for k, v in self.optimizer.state_tensors().items()},
-                               self.frozen.blob)
+                               self.frozen.blob, {n: v.copy() for n, v in self._buffers.items()},
+                               self._constants, self._version)
 
     def restore(self, state: CheckpointState) -> None:
         """Go back to an earlier `checkpoint_state()` of this same model (keep-best, a rejected trial).
@@ -378,6 +383,8 @@ class TrainSession:
         if state.frozen_graph is not self.frozen.blob and state.frozen_graph != self.frozen.blob:
             raise UserError("cannot restore the state of another model (its frozen graph differs)")
         self.load_parameters(state.parameters)
+        for n, v in state.buffers.items():
+            self._buffers[n][...] = v
         self.optimizer.load_state(state.optimizer_state)
         self.optimizer.step_count = int(state.meta.get("optimizer_step", 0))
         self.optimizer.algorithm = type(self.optimizer.algorithm).from_meta(state.meta["optimizer"])

@@ -15,7 +15,9 @@ last-block shapes at batch 32 (`bench/ops_speed.py` prints the current numbers):
   vectorised per tap: `Y += Xpad[:, i::s, j::s, :] * W[:, i, j]`; backward walks the same taps.
   For a depthwise kernel a tap is a broadcast multiply-add over a contiguous channel axis (2x
   faster than the same loop on NCHW, whose innermost axis is only 7 wide, and faster than an
-  einsum over `sliding_window_view`); for other groupings it is a matrix product per tap.
+  einsum over `sliding_window_view`); for other groupings it is a matrix product per tap. The
+  loop runs over a few images at a time (`CHUNK_BYTES` of output), so that the kh*kw passes
+  re-read memory still in cache: 2x faster again than whole-batch passes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from typing import Any
 import numpy as np
 
 from edgetune.runtime.ops.base import Op, UnknownOp, register_op
+
+
+CHUNK_BYTES = 512 * 1024  # the tap loop's working set per chunk of images: about an L2 cache
 
 
 def _pair(values: Sequence[int] | None, default: int) -> tuple[int, int]:
@@ -94,8 +99,10 @@ class Conv(Op):
             self._x = xp
             y = np.zeros((n, oh, ow, m), dtype=np.result_type(x, w))
             scratch = np.empty_like(y)
-            for i, j, tap in self._taps(xp, kh, kw):
-                y += self._tap_forward(tap, w[:, :, i, j], scratch)
+            for part in self._chunks(y):  # a few images at a time: the taps then re-read cached memory
+                y_part, s_part = y[part], scratch[part]
+                for i, j, tap in self._taps(xp[part], kh, kw):
+                    y_part += self._tap_forward(tap, w[:, :, i, j], s_part)
         if b is not None:
             y += b
         return _nchw(y)
@@ -115,13 +122,16 @@ class Conv(Op):
                 gx = _nchw((g @ w.reshape(m, c)).reshape(n, h, wd, c))
         else:
             gxp = np.zeros_like(self._x) if want_x else None
-            gw = np.empty_like(w) if want_w else None
+            gw = np.zeros_like(w) if want_w else None
             scratch = np.empty(g.shape, dtype=np.result_type(g, w))
-            for i, j, tap in self._taps(self._x, kh, kw):
-                if want_w:  # dW[:, :, i, j] = sum over images and positions of G * Xpad[tap]
-                    gw[:, :, i, j] = self._tap_weight_grad(g, tap)
-                if want_x:  # dXpad[tap] += G W[:, :, i, j]
-                    self._tap_view(gxp, i, j)[...] += self._tap_input_grad(g, w[:, :, i, j], scratch)
+            for part in self._chunks(g):
+                g_part = g[part]
+                for i, j, tap in self._taps(self._x[part], kh, kw):
+                    if want_w:  # dW[:, :, i, j] = sum over images and positions of G * Xpad[tap]
+                        gw[:, :, i, j] += self._tap_weight_grad(g_part, tap)
+                    if want_x:  # dXpad[tap] += G W[:, :, i, j]
+                        self._tap_view(gxp[part], i, j)[...] += self._tap_input_grad(g_part, w[:, :, i, j],
+                                                                                      scratch[part])
             if want_x:
                 top, left, _, _ = self._pad
                 gx = _nchw(gxp[:, top:top + h, left:left + wd, :])
@@ -143,6 +153,13 @@ class Conv(Op):
             begin.append(small if mode == "SAME_UPPER" else big)
             end.append(big if mode == "SAME_UPPER" else small)
         return begin[0], begin[1], end[0], end[1]
+
+    @staticmethod
+    def _chunks(out: np.ndarray) -> list[slice]:
+        """Slices of the batch whose output fits in about `CHUNK_BYTES` (2x faster than the whole batch at once)."""
+        per_image = max(1, out[0].nbytes)
+        step = max(1, CHUNK_BYTES // per_image)
+        return [slice(a, a + step) for a in range(0, len(out), step)]
 
     def _wants(self, i: int) -> bool:
         return not self.needs_grad or (i < len(self.needs_grad) and self.needs_grad[i])

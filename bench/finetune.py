@@ -1,0 +1,190 @@
+"""edgetune fine-tuning per `--trainable` choice, end to end, next to the linear probe and PyTorch eager (issue 11).
+
+For each dataset and each choice (`head`, `last-block`, `last-stage` of EfficientNet-Lite0):
+
+1. `edgetune export --trainable CHOICE` (its default recipe: optimizer, rates, parameter groups)
+   and `edgetune convert`, once, kept under `--work`;
+2. `net_runner -f model.tod -d DATA -c STEPS -q --target-accuracy 1` as a child process: the
+   default recipe as a user gets it, trained for all STEPS (the seed's net_runner stops at the
+   first test accuracy above 0.9, which would end runs at different points). Reported: validation accuracy (its last line), whole-run time
+   and the child's peak RSS (`wait4`);
+3. time per training step at batch 32 on random cut tensors (median of `--step-samples` steps, after
+   two warm-up steps), in edgetune's numpy engine and in PyTorch eager on the same tail at the same
+   cut (the `bench/finetune_torch.py` system), both single-threaded;
+4. the feature cache's bytes per image (the cut tensor in float32).
+
+Next to them: the linear-probe bound of `bench/probe.py` (a converged L2 logistic regression on
+the frozen logits, C chosen on the test split, validation reported).
+
+    python bench/finetune.py --data /work/data/glyphs300 --data /work/data/fm300 --epochs 30
+
+`--epochs` sets STEPS = epochs x ceil(train images / 32). Accuracy does not depend on machine
+load; the times do (run on a quiet machine for those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+CHOICES = ("head", "last-block", "last-stage")
+FIRST_BLOCK = {"head": None, "last-block": 15, "last-stage": 11}
+BATCH = 32
+
+
+def build(data: Path, choice: str, work: Path) -> Path:
+    """The `.tod` of `choice` for `data`'s classes, exported and converted once (kept under `work`)."""
+    tod = work / f"{data.name}-{choice}.tod"
+    if tod.exists():
+        return tod
+    from edgetune.convert import convert
+    from edgetune.host import TransferNet, create_backbone, default_head, export
+    from edgetune.runtime.dataset import read_class_file
+
+    names = [name for _folder, name in read_class_file(data / "classes.txt")]
+    backbone, info = create_backbone("efficientnet-lite0")
+    net = TransferNet(backbone, default_head(info.features, len(names), seed=0))
+    onnx_path = export(net, choice, class_names=names, batch_size=BATCH, path=work / f"{data.name}-{choice}.onnx")
+    return Path(convert(onnx_path, tod))
+
+
+def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path) -> dict:
+    """`net_runner -f tod -d data -c steps -q` in a child: validation accuracy, wall seconds, peak RSS (MB)."""
+    cmd = [sys.executable, "-m", "edgetune.cli.main", "run", "-f", str(tod), "-d", str(data), "-c", str(steps),
+           "-q", "--cache-dir", str(cache_dir), "--target-accuracy", "1"]  # the seed stops at test accuracy 0.9
+    start = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"net_runner failed ({proc.returncode}) on {tod}:\n{out[-2000:]}")
+    line = [x for x in out.splitlines() if x.startswith("accuracy on validation data = ")][-1]
+    return {"validation": float(line.rsplit("=", 1)[1]), "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
+
+
+def edgetune_step_ms(tod: Path, samples: int) -> float:
+    """Median time of one training step (forward, backward, update) at batch 32 on random cut tensors."""
+    from edgetune.runtime.session import Context, TrainSession
+
+    session = TrainSession.create(tod, Context())
+    rng = np.random.default_rng(0)
+    width = session.meta["frozen"]["features"]
+    times = []
+    for _ in range(samples + 2):
+        x = rng.normal(0, 1, (BATCH, width)).astype(np.float32)
+        y = rng.integers(0, session.num_classes, BATCH)
+        t = time.perf_counter()
+        session.run_head(x, y)
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times[2:]))
+
+
+def torch_step_ms(choice: str, num_classes: int, samples: int) -> float:
+    """The same step in PyTorch eager on the same tail at the same cut (BN statistics frozen), one thread."""
+    import torch
+
+    from bench.finetune_torch import Tail
+    from edgetune.host import create_backbone, default_head
+    from edgetune.host.trainable import RECIPES
+
+    torch.set_num_threads(1)
+    net, _ = create_backbone("efficientnet-lite0")
+    tail = Tail(net, FIRST_BLOCK[choice], default_head(1000, num_classes, seed=0)).eval()
+    groups = tail.groups()
+    for p in tail.parameters():
+        p.requires_grad_(False)
+    params = [p for ps in groups.values() for p in ps]
+    for p in params:
+        p.requires_grad_(True)
+    recipe = RECIPES[choice]
+    opt = torch.optim.Adam(params, lr=recipe.optimizer.lr) if recipe.optimizer.name == "adam" else \
+        torch.optim.SGD(params, lr=recipe.optimizer.lr, momentum=0.9)
+    shape = {None: (1000,), 15: (192, 7, 7), 11: (112, 14, 14)}[FIRST_BLOCK[choice]]
+    times = []
+    for _ in range(samples + 2):
+        x, y = torch.randn(BATCH, *shape), torch.randint(0, num_classes, (BATCH,))
+        t = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tail(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times[2:]))
+
+
+def linear_probe(tod: Path, data: Path, cache_dir: Path) -> tuple[float, float]:
+    """The probe bound on the frozen logits (`bench/probe.py`): validation accuracy at C=1 and at C chosen on test."""
+    from bench.probe import extract_features, probe
+
+    result = probe(extract_features(tod, data, cache_dir))
+    return result.default.validation_accuracy, result.chosen.validation_accuracy
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, action="append", required=True, help="a prepared dataset (repeatable)")
+    parser.add_argument("--choices", default=",".join(CHOICES), help="comma-separated (default: all three)")
+    parser.add_argument("--epochs", type=float, default=30, help="passes over the train split per run (default 30)")
+    parser.add_argument("--steps", type=int, help="training steps per run instead of --epochs (a quick check)")
+    parser.add_argument("--step-samples", type=int, default=10, help="timed steps per step-time median (default 10)")
+    parser.add_argument("--work", type=Path, default=Path("bench-finetune"), help="models, caches (default ./bench-finetune)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every (dataset, choice) and print one Markdown table."""
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()]
+    unknown = sorted(set(choices) - set(CHOICES))
+    if unknown:
+        raise SystemExit(f"unknown choices {unknown}; known: {', '.join(CHOICES)}")
+    from edgetune.host.trainable import RECIPES
+    from edgetune.runtime import format as tod_format
+    from edgetune.runtime.dataset import load_dataset, read_class_file
+
+    rows = ["| dataset | trainable | recipe | steps | validation acc | probe C=1 / C on test | step ms (batch 32) | "
+            "torch eager step ms | whole run s | peak RSS MB | cache bytes/image |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    done, total = 0, len(args.data) * len(choices)
+    for data in args.data:
+        classes = len(read_class_file(data / "classes.txt"))
+        head_meta = tod_format.load_file(build(data, "head", args.work)).meta
+        train = len(load_dataset(data, head_meta["preprocessing"], num_classes=classes).train)
+        steps = args.steps or max(1, round(args.epochs * math.ceil(train / BATCH)))
+        cache = args.work / "cache"
+        probe_text = "-"
+        if not args.no_probe:
+            default, chosen = linear_probe(build(data, "head", args.work), data, cache)
+            probe_text = f"{default:.4f} / {chosen:.4f}"
+        for choice in choices:
+            tod = build(data, choice, args.work)
+            meta = tod_format.load_file(tod).meta
+            run = run_net_runner(tod, data, steps, cache)
+            ours, theirs = edgetune_step_ms(tod, args.step_samples), torch_step_ms(choice, classes, args.step_samples)
+            rows.append(f"| {data.name} | {choice} | {RECIPES[choice].describe()} | {steps} | {run['validation']:.4f} | "
+                        f"{probe_text} | {ours:.1f} | {theirs:.1f} | {run['seconds']:.0f} | {run['rss_mb']:.0f} | "
+                        f"{4 * meta['frozen']['features']} |")
+            done += 1
+            print(f"{done}/{total} done: {data.name} {choice}: validation {run['validation']:.4f}", file=sys.stderr,
+                  flush=True)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
