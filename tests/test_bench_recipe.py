@@ -129,4 +129,5 @@ def test_recipe_table_on_a_tiny_dataset(tiny_tod, tiny_dataset, tmp_path, capsys
     detail = numbers["auto_detail"]
     assert detail["retrained_test_accuracy"] == detail["search_test_accuracy"]
     assert 0 <= numbers["plain"] <= 1 and 0 <= numbers["auto"] <= 1 and numbers["probe_c1"] > 0
-    assert [t["event"] for t in detail["trials"]].count("auto_trial") == 12
+    assert [t["event"] for t in detail["trials"]].count("auto_trial") == 14  # 4 rates, 8 decays, 2 step counts
+    assert numbers["auto_net_runner"] == pytest.approx(numbers["auto"], abs=1e-4)  # net_runner --auto trained the same

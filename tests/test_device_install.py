@@ -19,7 +19,7 @@ def test_device_extra_installs_under_160_mb() -> None:
     versions installed here; edgetune's own files are added (its wheel holds the package only)."""
     names = [re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0] for requirement in device_requirements(ROOT)]
     assert "tqdm" in names  # the progress bars are part of the device install
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sizes.py"), *names], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sizes.py"), "--json", *names], capture_output=True, text=True,
                           check=True, timeout=120)
     sizes = json.loads(done.stdout)
     own = sum(p.stat().st_size for p in (ROOT / "edgetune").rglob("*.py")) / 1e6
