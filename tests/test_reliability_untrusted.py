@@ -808,11 +808,6 @@ def test_converted_lite0_passes_the_allow_list_and_bounds(lite0_tod: Path) -> No
     assert report.memory(4) < 200 << 20  # what the budget asks of a phone: about 110 MB
 
 
-@pytest.mark.skipif(not Path("/work/data/lite0.tod").is_file(), reason="the shared demo model is not here")
-def test_demo_lite0_passes_the_allow_list_and_bounds() -> None:
-    _check_real(Path("/work/data/lite0.tod"))
-
-
 @pytest.mark.parametrize("message, proto", [
     (graph_check.MODEL, onnx.ModelProto), (graph_check.GRAPH, onnx.GraphProto), (graph_check.NODE, onnx.NodeProto),
     (graph_check.ATTR, onnx.AttributeProto), (graph_check.TENSOR, onnx.TensorProto)])
