@@ -135,15 +135,21 @@ def test_net_runner_threads_reach_onnxruntime(tiny_tod, tmp_path, monkeypatch) -
         assert seen[-1] == threads
 
 
-@pytest.mark.parametrize("value", ["0", "-2"])
-def test_net_runner_bad_thread_count_is_one_line_exit_2(tiny_tod, tmp_path, value: str) -> None:
+@pytest.mark.parametrize("option, value, message", [
+    ("--threads", "0", "--threads must be >= 1, got 0"),
+    ("--threads", "-2", "--threads must be >= 1, got -2"),
+    ("--cache-budget", "-1", "--cache-budget must be a finite number of MiB >= 0, got -1"),
+    ("--cache-budget", "nan", "--cache-budget must be a finite number of MiB >= 0, got nan"),
+])
+def test_net_runner_bad_threads_or_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, option: str, value: str,
+                                                                   message: str) -> None:
     from tests.test_reliability_crash import write_dataset
 
     data = write_dataset(tmp_path / "data")
     done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", tiny_tod(), "-d", os.fspath(data),
-                           "--threads", value], capture_output=True, text=True, timeout=120)
+                           option, value], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"net_runner: error: --threads must be >= 1, got {value}"]
+    assert done.stderr.strip().splitlines() == [f"net_runner: error: {message}"]
 
 
 def test_net_runner_cache_budget_goes_to_disk_with_the_same_run(tiny_tod, tmp_path, capsys) -> None:
@@ -159,18 +165,6 @@ def test_net_runner_cache_budget_goes_to_disk_with_the_same_run(tiny_tod, tmp_pa
                                 "--target-accuracy", "2", *extra]) == 0
         outputs.append(capsys.readouterr().out.splitlines())
     assert outputs[0] == outputs[1] and len(outputs[0]) > 12
-
-
-@pytest.mark.parametrize("value", ["-1", "nan"])
-def test_net_runner_bad_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, value: str) -> None:
-    from tests.test_reliability_crash import write_dataset
-
-    data = write_dataset(tmp_path / "data")
-    done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", tiny_tod(), "-d", os.fspath(data),
-                           "--cache-budget", value], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"net_runner: error: --cache-budget must be a finite number of MiB >= 0, got {float(value):g}"]
 
 
 def test_fill_cache_keeps_only_the_cache(tiny_tod, tiny_split) -> None:
