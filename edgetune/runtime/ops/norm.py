@@ -72,8 +72,11 @@ class BatchNormalization(Op):
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
         shape, axes = self._shape, self._axes
         gbias = grad.sum(axis=axes)  # d B = sum g
-        xhat = self._xhat if self._batch else (self._x - self._mean.reshape(shape)) * self._inv.reshape(shape)
-        gscale = np.sum(grad * xhat, axis=axes)  # d scale = sum g xhat
+        if self._batch:
+            xhat = self._xhat
+            gscale = _channel_dot(grad, xhat)  # d scale = sum g xhat
+        else:  # the same sum, with the per-channel factor taken out: one pass fewer, no xhat in memory
+            gscale = _channel_dot(grad, self._x - self._mean.reshape(shape)) * self._inv
         gx = None
         if not self.needs_grad or self.needs_grad[0]:
             a = (self._scale * self._inv).reshape(shape)
@@ -83,3 +86,9 @@ class BatchNormalization(Op):
             else:  # the statistics are constants: dx = a g
                 gx = grad * a
         return gx, gscale, gbias, None, None
+
+
+def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`sum(a * b)` over every axis but 1 (channels), in one pass without the product in memory."""
+    axes = "nc" + "hwdijklm"[:a.ndim - 2]
+    return np.einsum(f"{axes},{axes}->c", a, b)
