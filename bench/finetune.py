@@ -1,4 +1,4 @@
-"""edgetune fine-tuning per `--trainable` choice, end to end, next to the linear probe and PyTorch eager (issue 11).
+"""edgetune fine-tuning per `--trainable` choice, end to end, next to the linear probe (issue 11).
 
 For each dataset and each choice (`head`, `last-block`, `last-stage` of EfficientNet-Lite0):
 
@@ -6,15 +6,15 @@ For each dataset and each choice (`head`, `last-block`, `last-stage` of Efficien
    and `edgetune convert`, once, kept under `--work`;
 2. `net_runner -f model.tod -d DATA -c STEPS -q --target-accuracy 1` as a child process: the
    default recipe as a user gets it, trained for all STEPS (the seed's net_runner stops at the
-   first test accuracy above 0.9, which would end runs at different points). Reported: validation accuracy (its last line), whole-run time
-   and the child's peak RSS (`wait4`);
-3. time per training step at batch 32 on random cut tensors (median of `--step-samples` steps, after
-   two warm-up steps), in edgetune's numpy engine and in PyTorch eager on the same tail at the same
-   cut (the `bench/finetune_torch.py` system), both single-threaded;
-4. the feature cache's bytes per image (the cut tensor in float32).
+   first test accuracy above 0.9, which would end runs at different points). Reported: validation
+   accuracy (its last line), whole-run time and the child's peak RSS (`wait4`). For `head`, also
+   `net_runner --auto` (issue 12: the head's recipe searched on the test split; the seed's SGD is
+   the head's stored default);
+3. the feature cache's bytes per image (the cut tensor in float32).
 
 Next to them: the linear-probe bound of `bench/probe.py` (a converged L2 logistic regression on
-the frozen logits, C chosen on the test split, validation reported).
+the frozen logits, C chosen on the test split, validation reported). Step times next to PyTorch
+at the same cut and thread count, and the whole seed run per choice: `bench/finetune_speed.py`.
 
     python bench/finetune.py --data /work/data/glyphs300 --data /work/data/fm300 --epochs 30
 
@@ -31,8 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -57,10 +55,11 @@ def build(data: Path, choice: str, work: Path) -> Path:
     return Path(convert(onnx_path, tod))
 
 
-def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path) -> dict:
-    """`net_runner -f tod -d data -c steps -q` in a child: validation accuracy, wall seconds, peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "edgetune.cli.main", "run", "-f", str(tod), "-d", str(data), "-c", str(steps),
-           "-q", "--cache-dir", str(cache_dir), "--target-accuracy", "1"]  # the seed stops at test accuracy 0.9
+def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path, auto: bool = False) -> dict:
+    """`net_runner -f tod -d data -c steps -q` (or `--auto`) in a child: validation accuracy, wall s, peak RSS (MB)."""
+    how = ["--auto"] if auto else ["-c", str(steps), "--target-accuracy", "1"]  # the seed stops at test accuracy 0.9
+    cmd = [sys.executable, "-m", "edgetune.cli.main", "run", "-f", str(tod), "-d", str(data), "-q",
+           "--cache-dir", str(cache_dir), *how]
     start = time.perf_counter()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
         out = proc.stdout.read()
@@ -71,55 +70,6 @@ def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path) -> dict:
         raise SystemExit(f"net_runner failed ({proc.returncode}) on {tod}:\n{out[-2000:]}")
     line = [x for x in out.splitlines() if x.startswith("accuracy on validation data = ")][-1]
     return {"validation": float(line.rsplit("=", 1)[1]), "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
-
-
-def edgetune_step_ms(tod: Path, samples: int) -> float:
-    """Median time of one training step (forward, backward, update) at batch 32 on random cut tensors."""
-    from edgetune.runtime.session import Context, TrainSession
-
-    session = TrainSession.create(tod, Context())
-    rng = np.random.default_rng(0)
-    width = session.meta["frozen"]["features"]
-    times = []
-    for _ in range(samples + 2):
-        x = rng.normal(0, 1, (BATCH, width)).astype(np.float32)
-        y = rng.integers(0, session.num_classes, BATCH)
-        t = time.perf_counter()
-        session.run_head(x, y)
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times[2:]))
-
-
-def torch_step_ms(choice: str, num_classes: int, samples: int) -> float:
-    """The same step in PyTorch eager on the same tail at the same cut (BN statistics frozen), one thread."""
-    import torch
-
-    from bench.finetune_torch import Tail
-    from edgetune.host import create_backbone, default_head
-    from edgetune.host.trainable import RECIPES
-
-    torch.set_num_threads(1)
-    net, _ = create_backbone("efficientnet-lite0")
-    tail = Tail(net, FIRST_BLOCK[choice], default_head(1000, num_classes, seed=0)).eval()
-    groups = tail.groups()
-    for p in tail.parameters():
-        p.requires_grad_(False)
-    params = [p for ps in groups.values() for p in ps]
-    for p in params:
-        p.requires_grad_(True)
-    recipe = RECIPES[choice]
-    opt = torch.optim.Adam(params, lr=recipe.optimizer.lr) if recipe.optimizer.name == "adam" else \
-        torch.optim.SGD(params, lr=recipe.optimizer.lr, momentum=0.9)
-    shape = {None: (1000,), 15: (192, 7, 7), 11: (112, 14, 14)}[FIRST_BLOCK[choice]]
-    times = []
-    for _ in range(samples + 2):
-        x, y = torch.randn(BATCH, *shape), torch.randint(0, num_classes, (BATCH,))
-        t = time.perf_counter()
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(tail(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times[2:]))
 
 
 def linear_probe(tod: Path, data: Path, cache_dir: Path) -> tuple[float, float]:
@@ -139,7 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--choices", default=",".join(CHOICES), help="comma-separated (default: all three)")
     parser.add_argument("--epochs", type=float, default=30, help="passes over the train split per run (default 30)")
     parser.add_argument("--steps", type=int, help="training steps per run instead of --epochs (a quick check)")
-    parser.add_argument("--step-samples", type=int, default=10, help="timed steps per step-time median (default 10)")
     parser.add_argument("--work", type=Path, default=Path("bench-finetune"), help="models, caches (default ./bench-finetune)")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     return parser.parse_args(argv)
@@ -157,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgetune.runtime import format as tod_format
     from edgetune.runtime.dataset import load_dataset, read_class_file
 
-    rows = ["| dataset | trainable | recipe | steps | validation acc | probe C=1 / C on test | step ms (batch 32) | "
-            "torch eager step ms | whole run s | peak RSS MB | cache bytes/image |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| dataset | trainable | recipe | steps | validation acc | probe C=1 / C on test | whole run s | "
+            "peak RSS MB | cache bytes/image |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     done, total = 0, len(args.data) * len(choices)
     for data in args.data:
         classes = len(read_class_file(data / "classes.txt"))
@@ -174,11 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         for choice in choices:
             tod = build(data, choice, args.work)
             meta = tod_format.load_file(tod).meta
-            run = run_net_runner(tod, data, steps, cache)
-            ours, theirs = edgetune_step_ms(tod, args.step_samples), torch_step_ms(choice, classes, args.step_samples)
-            rows.append(f"| {data.name} | {choice} | {RECIPES[choice].describe()} | {steps} | {run['validation']:.4f} | "
-                        f"{probe_text} | {ours:.1f} | {theirs:.1f} | {run['seconds']:.0f} | {run['rss_mb']:.0f} | "
-                        f"{4 * meta['frozen']['features']} |")
+            variants = [(RECIPES[choice].describe(), False)] + ([("--auto (issue 12)", True)] if choice == "head" else [])
+            for recipe, auto in variants:
+                run = run_net_runner(tod, data, steps, cache, auto)
+                rows.append(f"| {data.name} | {choice} | {recipe} | {'searched' if auto else steps} | "
+                            f"{run['validation']:.4f} | {probe_text} | {run['seconds']:.0f} | {run['rss_mb']:.0f} | "
+                            f"{4 * meta['frozen']['features']} |")
             done += 1
             print(f"{done}/{total} done: {data.name} {choice}: validation {run['validation']:.4f}", file=sys.stderr,
                   flush=True)
