@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
@@ -56,20 +53,21 @@ def build(data: Path, choice: str, work: Path) -> Path:
 
 
 def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path, auto: bool = False) -> dict:
-    """`net_runner -f tod -d data -c steps -q` (or `--auto`) in a child: validation accuracy, wall s, peak RSS (MB)."""
+    """`net_runner -f tod -d data -c steps -q` (or `--auto`) in a child: validation accuracy, wall s, peak RSS (MB).
+
+    Measured by `bench/measure.py` (the child under `/usr/bin/time -v`): the peak RSS of a child
+    forked from this process would start at this process's own (torch loaded: ~700 MB).
+    """
+    from bench import measure
+
     how = ["--auto"] if auto else ["-c", str(steps), "--target-accuracy", "1"]  # the seed stops at test accuracy 0.9
     cmd = [sys.executable, "-m", "edgetune.cli.main", "run", "-f", str(tod), "-d", str(data), "-q",
            "--cache-dir", str(cache_dir), *how]
-    start = time.perf_counter()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}) as proc:
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"net_runner failed ({proc.returncode}) on {tod}:\n{out[-2000:]}")
-    line = [x for x in out.splitlines() if x.startswith("accuracy on validation data = ")][-1]
-    return {"validation": float(line.rsplit("=", 1)[1]), "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
+    try:
+        run = measure.run(cmd, {"PYTHONPATH": str(ROOT)}, label=f"net_runner {tod.name}")
+    except RuntimeError as e:
+        raise SystemExit(f"net_runner failed on {tod}: {e}") from None
+    return {"validation": run.validation, "seconds": run.wall, "rss_mb": run.peak_rss_mb}
 
 
 def linear_probe(tod: Path, data: Path, cache_dir: Path) -> tuple[float, float]:

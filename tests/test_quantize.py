@@ -303,3 +303,34 @@ def test_lite0_int8_tracks_fp32_on_real_images_and_trains(lite0_onnx, lite0_tod,
     losses = lambda lines: [ln.split(" [")[0] for ln in lines if "Loss is" in ln]  # noqa: E731 - "i: Loss is X"
     assert losses(resumed) == losses(whole)[20:]  # the checkpoint's data order and state carry on
     assert resumed[-1] == whole[-1] and float(whole[-1].split("=")[1]) > 0.5  # 10 classes: chance is 0.1
+
+
+def test_a_conv_left_in_fp32_runs_in_fp32_on_the_device() -> None:
+    """An excluded Conv reads a dequantized input but keeps float weights; onnxruntime (>= 1.20, level >= 2)
+    would quantize those weights to 8 bits when the session loads (`WeightBiasQuantization`) unless told not to."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgetune.runtime.frozen import _inference_session
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1, (16, 8, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+         helper.make_node("Conv", ["d", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("QuantizeLinear", ["c", "s2", "z"], ["q2"]),
+         helper.make_node("DequantizeLinear", ["q2", "s2", "z"], ["y"])],
+        "excluded_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])],
+        [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+         numpy_helper.from_array(np.array(0.01, np.float32), "s2"),
+         numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    x = rng.normal(0, 0.5, (1, 8, 6, 6)).astype(np.float32)
+    d = (np.clip(np.round(x / 0.02) + 128, 0, 255) - 128) * np.float32(0.02)  # what DequantizeLinear gives
+    xp = np.pad(d, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.einsum("ncij,mcij->nm", np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))
+                     .transpose(0, 2, 3, 1, 4, 5).reshape(36, 8, 3, 3), w).T.reshape(1, 16, 6, 6)
+    want = (np.clip(np.round(want / 0.01) + 128, 0, 255) - 128) * np.float32(0.01)  # the output's Q/DQ pair
+    got = _inference_session(model.SerializeToString(), 1).run(None, {"x": x})[0]
+    assert np.mean(got == want) > 0.99  # an 8-bit weight moves about a third of the outputs by a step

@@ -203,7 +203,10 @@ def _inference_session(blob: bytes, threads: int) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    try:  # WeightBiasQuantization (onnxruntime >= 1.20) would quantize the weights of a node left in fp32
+        # (`convert --keep-fp32`) to 8 bits per tensor when the session loads; every other weight of our
+        # graphs is quantized offline already, so for them it does nothing
+        return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["WeightBiasQuantization"])
     except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
         raise ValueError(f"onnxruntime cannot load the frozen graph: {e}") from None
