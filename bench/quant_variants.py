@@ -219,43 +219,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quant-variants-") as tmp:
         ops = {n: op_times(path, v, images, batch, kinds, tmp) for n, (path, v) in files.items()}
 
-    splits = (train, test, val) if not args.no_probe else (val,)
-    feats: dict[str, dict[str, np.ndarray]] = {n: {} for n in files}
-    for split in splits:
-        sessions = {n: session(path, 2, v) for n, (path, v) in files.items()}
-        out = {n: [] for n in files}
-        for start in range(0, len(split), 64):
-            chunk = split.images(np.arange(start, min(start + 64, len(split))))
-            for n, sess in sessions.items():
-                out[n].append(features(sess, chunk, batch))
-            print(f"\rfeatures {split.name}: {min(start + 64, len(split))}/{len(split)}", end="", file=sys.stderr)
-        print(file=sys.stderr)
-        for n in files:
-            feats[n][split.name] = np.concatenate(out[n])
-            feats[n][f"{split.name}_labels"] = split.labels
-
-    probes = {n: quant_accuracy.probe(f) for n, f in feats.items()} if not args.no_probe else {}
     print(f"{when}; CPU: {run.cpu_model()}; onnxruntime {ort.__version__}; load average {load:.1f} "
           f"when the timing started. Frozen part of {args.model.name}, "
           f"{len(images)} {args.data.name} validation images in batches of {batch}, medians of {args.repeats} "
           f"interleaved passes. Calibration: {Int8.method} {Int8.percentile}, {len(picked)} train images.\n")
+    feats = {n: split_features(path, v, (val,), batch, args.work) for n, (path, v) in files.items()}
     print("| variant | what | ms/img 2 threads | / fp32 | ms/img 1 thread | / fp32 | cos min / mean "
-          "| rel err mean / max | top-1 agreement | probe val (test) | probe val - fp32 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| rel err mean / max | top-1 agreement |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for n, (_, v) in files.items():
         fid = quant_accuracy.fidelity(feats["fp32"]["validation"], feats[n]["validation"])
-        probe = (f"{probes[n][2]:.4f} ({probes[n][1]:.4f}) | "
-                 + ("—" if n == "fp32" else f"{100 * (probes[n][2] - probes['fp32'][2]):+.2f} points")
-                 if probes else "— | —")
         print(f"| {n} | {v.what if v else 'fp32 (the model as converted)'} | {ms[n, 2]:.2f} "
               f"| {ms[n, 2] / ms['fp32', 2]:.2f}x | {ms[n, 1]:.2f} | {ms[n, 1] / ms['fp32', 1]:.2f}x "
               f"| {fid['cos_min']:.3f} / {fid['cos_mean']:.3f} | {fid['rel_mean']:.3f} / {fid['rel_max']:.3f} "
-              f"| {fid['top1']:.3f} | {probe} |")
+              f"| {fid['top1']:.3f} |")
     print("\nms per image by onnxruntime op type, 1 thread (profiler; Conv split into pw = 1x1, "
           "dw = depthwise, full = the stem):\n")
     for n, times in ops.items():
         print(f"- {n} (total {sum(times.values()):.2f}): "
               + ", ".join(f"{op} {t:.2f}" for op, t in times.items() if t >= 0.01))
+    if args.no_probe:
+        return
+    print("\n| variant | probe val (test, l2) | probe val - fp32 |\n|---|---:|---:|", flush=True)
+    base = None
+    for n, (path, v) in files.items():
+        l2, test_acc, val_acc = quant_accuracy.probe(split_features(path, v, (train, test, val), batch, args.work))
+        base = val_acc if base is None else base
+        print(f"| {n} | {val_acc:.4f} ({test_acc:.4f}, {l2:g}) | "
+              f"{'—' if n == 'fp32' else f'{100 * (val_acc - base):+.2f} points'} |", flush=True)
+
+
+def split_features(path: str, variant: Variant | None, splits: tuple, batch: int, work: Path) -> dict[str, np.ndarray]:
+    """The variant's features and labels of `splits` (2 threads), kept in `work` keyed by file and session."""
+    key = hashlib.sha256(Path(path).read_bytes() + repr(variant and (variant.session, variant.disabled)).encode())
+    out = {}
+    for split in splits:
+        cached = work / f"features-{key.hexdigest()[:16]}-{split.name}-{len(split)}.npy"
+        if not cached.exists():
+            sess = session(path, 2, variant)
+            rows = []
+            for start in range(0, len(split), 64):
+                rows.append(features(sess, split.images(np.arange(start, min(start + 64, len(split)))), batch))
+                print(f"\r{Path(path).stem} {split.name}: {start + len(rows[-1])}/{len(split)}", end="",
+                      file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            np.save(cached, np.concatenate(rows))
+        out[split.name], out[f"{split.name}_labels"] = np.load(cached), split.labels
+    return out
 
 
 if __name__ == "__main__":
