@@ -63,7 +63,6 @@ class Variant:
     per_channel: bool = True
     exclude: str = ""                                    # "", "depthwise", "stem": node group left out
     session: dict[str, str] = field(default_factory=dict)  # session config entries
-    disabled: tuple[str, ...] = ()                       # onnxruntime graph transformers turned off
 
 
 VARIANTS = {
@@ -74,10 +73,7 @@ VARIANTS = {
     "u8u8": Variant("u8 weights (asymmetric, 8-bit: no saturation)", weight_type=QuantType.QUInt8,
                     reduce_range=False),
     "per_tensor": Variant("today's, one weight scale per tensor", per_channel=False),
-    "dw_excluded": Variant("today's, depthwise convs excluded (the runtime re-quantizes their weights)",
-                           exclude="depthwise"),
-    "dw_fp32": Variant("depthwise convs excluded and kept fp32 (WeightBiasQuantization off)",
-                       exclude="depthwise", disabled=("WeightBiasQuantization",)),
+    "dw_fp32": Variant("today's, depthwise convs excluded (fp32)", exclude="depthwise"),
     "stem_fp32": Variant("today's, stem conv (3 input channels) fp32", exclude="stem"),
     "s8s8": Variant("s8 activations (the runtime converts them to u8)", activation_type=QuantType.QInt8),
     "s8s8_int8allowed": Variant("s8 activations + session.qdqisint8allowed=1 (kept s8)",
@@ -134,7 +130,7 @@ def session(path: str, threads: int, variant: Variant | None, profile: str | Non
     if profile:
         opts.enable_profiling, opts.profile_file_prefix = True, profile
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(variant.disabled) if variant else [])
+                                disabled_optimizers=["WeightBiasQuantization"])  # as the runtime
 
 
 def features(sess: ort.InferenceSession, images: np.ndarray, batch: int) -> np.ndarray:
