@@ -247,7 +247,7 @@ def main() -> None:
 
 def split_features(path: str, variant: Variant | None, splits: tuple, batch: int, work: Path) -> dict[str, np.ndarray]:
     """The variant's features and labels of `splits` (2 threads), kept in `work` keyed by file and session."""
-    key = hashlib.sha256(Path(path).read_bytes() + repr(variant and (variant.session, variant.disabled)).encode())
+    key = hashlib.sha256(Path(path).read_bytes() + repr(variant and variant.session).encode())
     out = {}
     for split in splits:
         cached = work / f"features-{key.hexdigest()[:16]}-{split.name}-{len(split)}.npy"
