@@ -86,8 +86,7 @@ def time_step(engine: str, choice: str, tod: Path, threads: int, samples: int) -
 
         sys.path.insert(0, str(BENCH))  # the system scripts' own imports
         import torch_model
-        from finetune_torch import Tail
-        from sys_torch_finetune import optimizer
+        from sys_torch_finetune import optimizer, tail_for
 
         from edgetune.runtime import format as tod_format
 
@@ -95,11 +94,7 @@ def time_step(engine: str, choice: str, tod: Path, threads: int, samples: int) -
         tod_file = tod_format.load_file(tod)
         meta = tod_file.meta
         params = {n: np.asarray(tod_file.tensors[f"param/{n}"]) for n in ("head.weight", "head.bias")}
-        head = torch.nn.Linear(*params["head.weight"].shape[::-1])
-        with torch.no_grad():
-            head.weight.copy_(torch.from_numpy(params["head.weight"]))
-            head.bias.copy_(torch.from_numpy(params["head.bias"]))
-        tail = Tail(torch_model.backbone(), FIRST_BLOCK[choice], head).eval()
+        tail = tail_for(choice, params, torch_model.backbone())
         opt = optimizer(meta, tail)
         shape = (1000,) if FIRST_BLOCK[choice] is None else tuple(meta["frozen"]["shape"])
         classes = meta["num_classes"]

@@ -48,6 +48,15 @@ def optimizer(meta: dict, tail: Tail) -> torch.optim.Optimizer:
                            weight_decay=spec.get("weight_decay", 0.0), nesterov=spec.get("nesterov", False))
 
 
+def tail_for(choice: str, params: dict[str, np.ndarray], net: nn.Module) -> Tail:
+    """The trainable tail of `choice` over pretrained `net`, its head starting from the `.tod`'s weights, in eval mode."""
+    head = nn.Linear(*params["head.weight"].shape[::-1])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(params["head.weight"]))
+        head.bias.copy_(torch.from_numpy(params["head.bias"]))
+    return Tail(net, FIRST_BLOCK.get(choice), head).eval()  # eval: BatchNorm normalises with its running statistics
+
+
 def main() -> None:
     """Run the work unit the arguments describe and print the seed-style log."""
     args = common.parser(__doc__.splitlines()[0]).parse_args()
@@ -60,11 +69,7 @@ def main() -> None:
     net = torch_model.backbone()
     first = FIRST_BLOCK[args.extra]
     prefix = Prefix(net, first).eval()
-    head = nn.Linear(*params["head.weight"].shape[::-1])
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(params["head.weight"]))
-        head.bias.copy_(torch.from_numpy(params["head.bias"]))
-    tail = Tail(net, first, head).eval()  # eval: BatchNorm normalises with its running statistics
+    tail = tail_for(args.extra, params, net)
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
