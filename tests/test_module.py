@@ -53,7 +53,20 @@ def head_module(spec, values: dict[str, np.ndarray], rng: np.random.Generator | 
                   constants, rng=rng)
 
 
-def torch_forward(spec, module: Module, x: torch.Tensor):
+def keep_dropout_masks(module: Module) -> dict[int, np.ndarray]:
+    """Each Dropout op's mask of its next forward, by op id (the op itself forgets it after backward)."""
+    masks: dict[int, np.ndarray] = {}
+    for op in module.ops:
+        if op.op_type == "Dropout":
+            def forward(*args, _op=op, _forward=op.forward):
+                y = _forward(*args)
+                masks[id(_op)] = _op._mask
+                return y
+            op.forward = forward
+    return masks
+
+
+def torch_forward(spec, module: Module, x: torch.Tensor, masks: dict[int, np.ndarray]):
     """The same head in torch ops; dropout reuses the numpy op's mask so both see the same noise."""
     tparams = {n: torch.tensor(p.data, requires_grad=True) for n, p in module.params.items()}
     for item, op in zip(spec, module.ops):
@@ -63,7 +76,7 @@ def torch_forward(spec, module: Module, x: torch.Tensor):
         elif item["op"] == "relu":
             x = torch.relu(x)
         elif item["op"] == "dropout":
-            x = x * torch.from_numpy(op._mask)
+            x = x * torch.from_numpy(masks[id(op)])
         elif item["op"] == "flatten":
             x = torch.flatten(x, 1)
     return x, tparams
@@ -79,10 +92,11 @@ def test_one_step_gradients_match_torch(spec_name: str, soft: bool) -> None:
     x = rng.normal(0, 1, (n, f)).astype(np.float32)
     labels = rng.dirichlet(np.ones(c), n).astype(np.float32) if soft else one_hot(rng.integers(0, c, n), c)
 
+    masks = keep_dropout_masks(module)
     out = module(x, labels)
 
     tx = torch.tensor(x)
-    tlogits, tparams = torch_forward(spec, module, tx)
+    tlogits, tparams = torch_forward(spec, module, tx, masks)
     tloss = torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels))  # mean, probability targets
     tloss.backward()
     assert_close(out["logits"], tlogits)
@@ -274,3 +288,16 @@ def test_unknown_ops_list_the_known_ones_and_registering_twice_fails() -> None:
         get_op("Softmax")
     with pytest.raises(ValueError, match="registered twice"):
         register_op("Relu")(type("Relu2", (Op,), {}))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_ops_keep_no_activations_after_a_step_or_an_eval_pass(training: bool) -> None:
+    """Only one pass's activations may be alive: a deeper trainable part holds tens of MB per tensor."""
+    spec = SPECS[sorted(SPECS)[-1]]
+    rng = np.random.default_rng(5)
+    module = head_module(spec, make_params(spec, 12, 5, rng), np.random.default_rng(0)).train(training)
+    x = rng.normal(0, 1, (8, 12)).astype(np.float32)
+    first = module(x, one_hot(rng.integers(0, 5, 8), 5))["logits"]
+    assert [op for op in module.ops if any(name.startswith("_") for name in vars(op))] == []
+    if not training:
+        np.testing.assert_array_equal(module(x)["logits"], first)  # an eval pass still computes the same

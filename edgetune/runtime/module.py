@@ -75,6 +75,14 @@ class Module:
         self.training = True
         self.loss = math.nan
         self._check_wiring()
+        last: dict[str, int] = {}  # node outputs by the index of the last node that reads them
+        for i, node in enumerate(self.nodes):
+            last.update((name, i) for name in node.inputs if name)
+        self._last_read: dict[int, list[str]] = {}
+        for node in self.nodes:
+            name = node.outputs[0]
+            if name != self.output and name in last:
+                self._last_read.setdefault(last[name], []).append(name)
         differentiable = set(self.params)  # tensors some parameter's gradient flows through
         for node, op in zip(self.nodes, self.ops):
             op.rng = self.rng
@@ -143,13 +151,17 @@ class Module:
             features = features.reshape(len(features), *self.input_shape)
         values: dict[str, np.ndarray] = {self.input: features, **self.constants}
         values.update((name, p.data) for name, p in self.params.items())
-        for node, op in zip(self.nodes, self.ops):
+        for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
             args = [values[name] if name else None for name in node.inputs]
             try:
                 values[node.outputs[0]] = op.forward(*args)
             except ValueError as e:
                 shapes = {name: None if a is None else tuple(a.shape) for name, a in zip(node.inputs, args)}
                 raise ValueError(f"node {node.name or node.outputs[0]!r} ({op!r}) cannot take {shapes}: {e}") from None
+            if not self.training:  # no backward follows: keep nothing past its last reader
+                op.release()
+                for name in self._last_read.get(i, ()):
+                    del values[name]
         return values[self.output]
 
     def backward(self, grad: np.ndarray) -> None:
@@ -158,8 +170,11 @@ class Module:
         for node, op in zip(reversed(self.nodes), reversed(self.ops)):
             g = grads.pop(node.outputs[0], None)
             if g is None or not any(op.needs_grad):
+                op.release()
                 continue
-            for name, need, g_in in zip(node.inputs, op.needs_grad, op.backward(g)):
+            grads_in = op.backward(g)
+            op.release()  # its saved activations are no longer needed
+            for name, need, g_in in zip(node.inputs, op.needs_grad, grads_in):
                 if not need or g_in is None:
                     continue
                 if name in self.params:

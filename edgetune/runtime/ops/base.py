@@ -37,6 +37,11 @@ class Op:
     buffers, constants alike) and returns its one output. `backward(grad)` returns one gradient per
     input, in the same order; it may return None for input i when `needs_grad[i]` is False (the
     engine sets that: a constant, a buffer, or the cut tensor nobody differentiates).
+
+    What `forward` keeps for `backward` lives in attributes named `_...` (and only that: settings
+    read from the attributes have plain names). `release` drops them; the module calls it once an
+    op's backward has run, or right after its forward in eval mode, so only one pass's activations
+    are ever alive (a deeper trainable part's tensors are tens of MB each).
     """
 
     op_type: ClassVar[str] = ""
@@ -58,6 +63,11 @@ class Op:
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:  # pragma: no cover - idem
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Forget what the last `forward` kept for `backward` (its `_...` attributes)."""
+        for name in [name for name in vars(self) if name.startswith("_")]:
+            delattr(self, name)
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.attrs.items() if self.attributes.get(k) != v}
