@@ -34,8 +34,12 @@ class Clip(Op):
         lo, hi = (None if b is None else np.asarray(b, dtype=x.dtype) for b in (*bounds, None, None)[:2])
         # the mask is built from comparisons of x so it keeps x's memory layout (channels-last after a
         # Conv): a mask in another layout makes this op's and every later op's passes strided, 3-4x slower
-        keep = (x > lo) & (x < hi) if lo is not None and hi is not None else \
-            x > lo if lo is not None else x < hi if hi is not None else np.ones_like(x, dtype=bool)
+        if lo is not None and hi is not None:
+            keep = (x > lo) & (x < hi)
+        elif lo is not None or hi is not None:
+            keep = x > lo if lo is not None else x < hi
+        else:
+            keep = np.ones_like(x, dtype=bool)
         self._keep, self._inputs = keep, 1 + len(bounds)
         return np.clip(x, lo, hi) if lo is not None or hi is not None else x.copy()
 
