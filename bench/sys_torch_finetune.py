@@ -12,7 +12,6 @@ exported from. `--extra` names the choice (`last-block`, `last-stage`).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -77,32 +76,11 @@ def main() -> None:
 
     cached = {s.name: torch_cached.extract(s, run, EXTRACT_BATCH) for s in splits}
     opt = optimizer(meta, tail)
-    labels = {s.name: torch.from_numpy(s.labels) for s in splits}
-    train = next(s for s in splits if s.name == "train")
 
-    def accuracy(name: str) -> float:
-        with torch.inference_mode():
-            return float(torch.cat([tail(x).argmax(1) for x in cached[name].split(100)]).eq(labels[name]).float().mean())
+    def state() -> dict:
+        return {"tail": {n: p for n, p in tail.named_parameters() if p.requires_grad}, "optimizer": opt.state_dict()}
 
-    def save(name: str) -> None:
-        trained = {n: p for n, p in tail.named_parameters() if p.requires_grad}
-        torch.save({"tail": trained, "optimizer": opt.state_dict()}, os.path.join(args.out, name))
-
-    log = common.SeedLog()
-    for i, idx in enumerate(common.batch_order(len(train), meta["batch_size"], args.steps, args.seed), 1):
-        t = torch.from_numpy(idx)
-        loss = nn.functional.cross_entropy(tail(cached["train"][t]), labels["train"][t])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.step(i, loss.item())
-        if i % args.test_every == 0:
-            log.test(accuracy("test"))
-        if i % args.save_every == 0:
-            save(f"model_trained_{i}.pt")
-    log.validation(accuracy("validation"))
-    save("model_trained.pt")
-
+    torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=False)
 
 if __name__ == "__main__":
     main()

@@ -51,23 +51,36 @@ def train_head(args: argparse.Namespace, meta: dict, params: dict[str, np.ndarra
     """
     head = torch_model.head(meta, params)
     opt = torch_model.optimizer(meta, head.parameters())
+    train(args, head, opt, cached, splits, meta["batch_size"],
+          lambda: {"head": head.state_dict(), "optimizer": opt.state_dict()})
+
+
+def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, cached: dict[str, torch.Tensor],
+          splits: tuple[common.Split, ...], batch_size: int, state: Callable[[], dict],
+          train_mode: bool = True) -> None:
+    """The seed's loop over cached features: steps in the Trainer's order, its log lines, test accuracy
+    every ``args.test_every`` steps, a checkpoint (``state()``) every ``args.save_every``, validation at the end.
+
+    ``train_mode=False`` keeps ``model`` in eval mode while it trains (a pretrained tail whose
+    BatchNorm statistics stay frozen); otherwise it trains in train mode and evaluates in eval mode.
+    """
     labels = {s.name: torch.from_numpy(s.labels) for s in splits}
-    train = next(s for s in splits if s.name == "train")
+    train_split = next(s for s in splits if s.name == "train")
 
     def accuracy(name: str) -> float:
-        head.eval()
-        with torch.no_grad():
-            return float((head(cached[name]).argmax(1) == labels[name]).float().mean())
+        model.eval()
+        with torch.inference_mode():  # 100 samples at a time: a deep tail's activations stay small
+            predicted = torch.cat([model(x).argmax(1) for x in cached[name].split(100)])
+        return float((predicted == labels[name]).float().mean())
 
     def save(name: str) -> None:
-        torch.save({"head": head.state_dict(), "optimizer": opt.state_dict()}, os.path.join(args.out, name))
+        torch.save(state(), os.path.join(args.out, name))
 
     log = common.SeedLog()
-    steps = common.batch_order(len(train), meta["batch_size"], args.steps, args.seed)
-    for i, idx in enumerate(steps, 1):
-        head.train()
+    for i, idx in enumerate(common.batch_order(len(train_split), batch_size, args.steps, args.seed), 1):
+        model.train(train_mode)
         t = torch.from_numpy(idx)
-        loss = nn.functional.cross_entropy(head(cached["train"][t]), labels["train"][t])
+        loss = nn.functional.cross_entropy(model(cached["train"][t]), labels["train"][t])
         opt.zero_grad()
         loss.backward()
         opt.step()
