@@ -36,6 +36,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # run as a script from a checkout
 
 from bench import measure  # noqa: E402
+from bench.measure import fmt, median  # noqa: E402
 from bench.finetune import BATCH, CHOICES, FIRST_BLOCK, build  # noqa: E402
 from edgetune.runtime.bounds import available_cores  # noqa: E402
 
@@ -111,15 +112,6 @@ def time_step(engine: str, choice: str, tod: Path, threads: int, samples: int) -
         step()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[2:])
-
-
-def median(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,3 +94,14 @@ def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> R
     return Run(wall=wall, peak_rss_mb=rss_kb / 1024, first_step=stamps[0] if stamps else None,
                step_times=stamps, validation=validation,
                tail=wall - stamps[-1] if stamps else 0.0, reported=reported)
+
+
+def median(values: list[float | None]) -> float | None:
+    """Median of the values that exist."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """Format a number for the table; missing values show as an em dash."""
+    return "—" if value is None else f"{value:.{digits}f}"

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import measure
+from measure import fmt, median
 import prepare
 import results as results_file
 
@@ -160,17 +160,6 @@ def install_mb(system: str, ort_python: Path) -> float | None:
     if key == "edgetune":  # editable install: count the package as its wheel would hold it
         total += sum(p.stat().st_size for p in (REPO / "edgetune").rglob("*.py")) / 1e6
     return total
-
-
-def median(values: list[float | None]) -> float | None:
-    """Median of the values that exist."""
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    """Format a number for the table; missing values show as an em dash."""
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def reported(rs: list[measure.Run]) -> str:
