@@ -86,15 +86,12 @@ def time_step(engine: str, choice: str, tod: Path, threads: int, samples: int) -
         import torch
 
         sys.path.insert(0, str(BENCH))  # the system scripts' own imports
+        import common
         import torch_model
         from sys_torch_finetune import optimizer, tail_for
 
-        from edgetune.runtime import format as tod_format
-
         torch.set_num_threads(threads)
-        tod_file = tod_format.load_file(tod)
-        meta = tod_file.meta
-        params = {n: np.asarray(tod_file.tensors[f"param/{n}"]) for n in ("head.weight", "head.bias")}
+        meta, params, _ = common.load_model_meta(tod)
         tail = tail_for(choice, params, torch_model.backbone())
         opt = optimizer(meta, tail)
         shape = (1000,) if FIRST_BLOCK[choice] is None else tuple(meta["frozen"]["shape"])
