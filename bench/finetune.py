@@ -7,7 +7,7 @@ For each dataset and each choice (`head`, `last-block`, `last-stage` of Efficien
 2. `net_runner -f model.tod -d DATA -c STEPS -q --target-accuracy 1` as a child process: the
    default recipe as a user gets it, trained for all STEPS (the seed's net_runner stops at the
    first test accuracy above 0.9, which would end runs at different points). Reported: validation
-   accuracy (its last line), whole-run time and the child's peak RSS (`wait4`). For `head`, also
+   accuracy (its last line), whole-run time and peak RSS (`bench/measure.py`). For `head`, also
    `net_runner --auto` (issue 12: the head's recipe searched on the test split; the seed's SGD is
    the head's stored default);
 3. the feature cache's bytes per image (the cut tensor in float32).
