@@ -11,7 +11,8 @@ from edgetune.errors import UserError
 from edgetune.runtime.head import head_graph
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
-from edgetune.runtime.optim import OPTIMIZERS, SGD, Adam, AdamW, Algorithm, Optimizer, TrainingDiverged, make_optimizer
+from edgetune.runtime.optim import (OPTIMIZERS, SGD, UPDATE_BLOCK, Adam, AdamW, Algorithm, Optimizer, TrainingDiverged,
+                                    make_optimizer)
 
 TORCH_SGD = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}  # torch's defaults
 TORCH_ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -249,3 +250,40 @@ def test_parameter_groups_are_checked() -> None:
                           ({"params": ["a"]}, "must be a list")]:
         with pytest.raises(UserError, match=match):
             make_optimizer(SETTINGS["adam"], params, param_groups=groups)
+
+
+@pytest.mark.parametrize("setting", ["sgd_seed", "sgd_nesterov", "adam_weight_decay", "adamw"])
+def test_a_parameter_larger_than_a_block_is_updated_as_torch_updates_it(setting: str) -> None:
+    """The update runs on blocks of `UPDATE_BLOCK` elements; across block edges it is still torch's."""
+    cfg = SETTINGS[setting]
+    rng = np.random.default_rng(2)
+    shape = (3, UPDATE_BLOCK + 7)  # a row spans a block edge; 3 blocks and a tail
+    p = Parameter("w", rng.normal(0, 1, shape))
+    opt = make_optimizer(cfg, [p])
+    t = torch.nn.Parameter(torch.from_numpy(p.data.copy()))
+    topt = torch_optimizer(cfg, [t])
+    for _ in range(5):
+        g = rng.normal(0, 1, shape).astype(np.float32)
+        p.grad[...] = g
+        t.grad = torch.from_numpy(g.copy())
+        opt.step()
+        topt.step()
+    np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_update_that_overflows_in_its_last_block_undoes_every_block() -> None:
+    p = Parameter("w", np.ones(2 * UPDATE_BLOCK + 3))
+    q = Parameter("b", np.ones(4))
+    opt = Optimizer([q, p], SGD(lr=1.0, momentum=0.9))
+    q.grad[:], p.grad[:] = 1.0, 0.5
+    opt.step()
+    p.data[-1] = -3e38
+    p.grad[-1] = 3e38  # -3e38 - 1.0 * (0.9 buf + 0.99 * 3e38) overflows float32, in the third block only
+    before = (q.data.copy(), p.data.copy(), {k: v.copy() for k, v in opt.state_tensors().items()})
+    with pytest.raises(TrainingDiverged, match="step 2: the update made a weight non-finite"):
+        opt.step()
+    np.testing.assert_array_equal(q.data, before[0])
+    np.testing.assert_array_equal(p.data, before[1])
+    for k, v in opt.state_tensors().items():
+        np.testing.assert_array_equal(v, before[2][k])
+    assert opt.step_count == 1

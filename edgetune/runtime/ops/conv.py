@@ -12,7 +12,9 @@ last-block shapes at batch 32 (`bench/ops_speed.py` prints the current numbers):
   `X (N*H*W, C) @ W^T (C, M)`; backward two more (dW = G^T X, dX = G W). numpy's batched `matmul`
   over the N images (49 columns each) was 5-10x slower.
 - Every other conv loops over the kh*kw taps of its kernel, with images, positions and channels
-  vectorised per tap: `Y += Xpad[:, i::s, j::s, :] * W[:, i, j]`; backward walks the same taps.
+  vectorised per tap: `Y[rows] += X[rows * s + i - top] * W[:, i, j]`; backward walks the same
+  taps. A tap reads only the positions its output rows and columns find inside the input, so
+  padding is never built (no padded copy of X kept for the backward; edge taps do less work).
   For a depthwise kernel a tap is a broadcast multiply-add over a contiguous channel axis (2x
   faster than the same loop on NCHW, whose innermost axis is only 7 wide, and faster than an
   einsum over `sliding_window_view`); for other groupings it is a matrix product per tap. The
@@ -39,6 +41,16 @@ def _pair(values: Sequence[int] | None, default: int) -> tuple[int, int]:
     if len(values) != 2:
         raise UnknownOp(f"Conv: only 2-D convolutions are supported, got {list(values)}")
     return int(values[0]), int(values[1])
+
+
+def _span(offset: int, stride: int, out: int, size: int) -> tuple[slice, slice] | None:
+    """Outputs o in [0, out) whose input o * stride + offset lies in [0, size): (output slice, input slice)."""
+    first = max(0, -(offset // stride) if offset < 0 else 0)  # ceil(-offset / stride) for offset < 0
+    last = min(out, (size - 1 - offset) // stride + 1)  # one past the last
+    if last <= first:
+        return None
+    start = first * stride + offset
+    return slice(first, last), slice(start, start + (last - first - 1) * stride + 1, stride)
 
 
 def _nchw(y: np.ndarray) -> np.ndarray:
@@ -95,14 +107,13 @@ class Conv(Op):
             self._x = _nhwc(x).reshape(n * h * wd, c)
             y = (self._x @ w.reshape(m, c).T).reshape(n, h, wd, m)
         else:
-            xp = np.pad(_nhwc(x), ((0, 0), (top, bottom), (left, right), (0, 0))) if any(self._pad) else _nhwc(x)
-            self._x = xp
+            self._x = xh = _nhwc(x)
             y = np.zeros((n, oh, ow, m), dtype=np.result_type(x, w))
             scratch = np.empty_like(y)
             for part in self._chunks(y):  # a few images at a time: the taps then re-read cached memory
                 y_part, s_part = y[part], scratch[part]
-                for i, j, tap in self._taps(xp[part], kh, kw):
-                    y_part += self._tap_forward(tap, w[:, :, i, j], s_part)
+                for i, j, out, inp in self._taps(kh, kw):
+                    y_part[out] += self._tap_forward(xh[part][inp], w[:, :, i, j], s_part[out])
         if b is not None:
             y += b
         return _nchw(y)
@@ -121,20 +132,19 @@ class Conv(Op):
             if want_x:  # dX = G W
                 gx = _nchw((g @ w.reshape(m, c)).reshape(n, h, wd, c))
         else:
-            gxp = np.zeros_like(self._x) if want_x else None
+            xh = self._x
+            gxh = np.zeros(xh.shape, dtype=np.result_type(g, w)) if want_x else None
             gw = np.zeros_like(w) if want_w else None
-            scratch = np.empty(g.shape, dtype=np.result_type(g, w))
+            scratch = np.empty(xh.shape, dtype=np.result_type(g, w))
             for part in self._chunks(g):
-                g_part = g[part]
-                for i, j, tap in self._taps(self._x[part], kh, kw):
-                    if want_w:  # dW[:, :, i, j] = sum over images and positions of G * Xpad[tap]
-                        gw[:, :, i, j] += self._tap_weight_grad(g_part, tap)
-                    if want_x:  # dXpad[tap] += G W[:, :, i, j]
-                        self._tap_view(gxp[part], i, j)[...] += self._tap_input_grad(g_part, w[:, :, i, j],
-                                                                                      scratch[part])
+                g_part, x_part = g[part], xh[part]
+                for i, j, out, inp in self._taps(kh, kw):
+                    if want_w:  # dW[:, :, i, j] = sum over images and positions of G * X[tap]
+                        gw[:, :, i, j] += self._tap_weight_grad(g_part[out], x_part[inp])
+                    if want_x:  # dX[tap] += G W[:, :, i, j]
+                        gxh[part][inp] += self._tap_input_grad(g_part[out], w[:, :, i, j], scratch[part][inp])
             if want_x:
-                top, left, _, _ = self._pad
-                gx = _nchw(gxp[:, top:top + h, left:left + wd, :])
+                gx = _nchw(gxh)
         if self._inputs == 2:
             return gx, gw
         return gx, gw, g.sum(axis=tuple(range(g.ndim - 1))) if self._has_bias and self._wants(2) else None
@@ -164,15 +174,19 @@ class Conv(Op):
     def _wants(self, i: int) -> bool:
         return not self.needs_grad or (i < len(self.needs_grad) and self.needs_grad[i])
 
-    def _tap_view(self, xp: np.ndarray, i: int, j: int) -> np.ndarray:
-        """What kernel tap (i, j) reads for every output position: a strided view of the padded NHWC input."""
+    def _taps(self, kh: int, kw: int) -> Iterator[tuple[int, int, tuple[slice, ...], tuple[slice, ...]]]:
+        """Each kernel tap (i, j) that reads the input, with the NHWC index of the outputs it feeds and
+        of the inputs it reads there (output row o reads input row o * stride + i - top: only the
+        rows and columns where that lands inside the input; the rest would read padding, zeros)."""
         (sh, sw), (oh, ow) = self.strides, self._out
-        return xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-
-    def _taps(self, xp: np.ndarray, kh: int, kw: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        top, left, _, _ = self._pad
+        _, _, h, wd = self._in
         for i in range(kh):
+            rows = _span(i - top, sh, oh, h)
             for j in range(kw):
-                yield i, j, self._tap_view(xp, i, j)
+                cols = _span(j - left, sw, ow, wd)
+                if rows and cols:
+                    yield i, j, (slice(None), rows[0], cols[0]), (slice(None), rows[1], cols[1])
 
     def _depthwise(self, m: int, c: int) -> bool:
         return self.group == c == m

@@ -32,15 +32,18 @@ class Clip(Op):
 
     def forward(self, x: np.ndarray, *bounds: np.ndarray | None) -> np.ndarray:
         lo, hi = (None if b is None else np.asarray(b, dtype=x.dtype) for b in (*bounds, None, None)[:2])
+        self._inputs = 1 + len(bounds)
         # the mask is built from comparisons of x so it keeps x's memory layout (channels-last after a
         # Conv): a mask in another layout makes this op's and every later op's passes strided, 3-4x slower
-        if lo is not None and hi is not None:
+        if not self.training:  # no backward follows
+            keep = None
+        elif lo is not None and hi is not None:
             keep = (x > lo) & (x < hi)
         elif lo is not None or hi is not None:
             keep = x > lo if lo is not None else x < hi
         else:
             keep = np.ones_like(x, dtype=bool)
-        self._keep, self._inputs = keep, 1 + len(bounds)
+        self._keep = keep
         return np.clip(x, lo, hi) if lo is not None or hi is not None else x.copy()
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
