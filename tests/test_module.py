@@ -301,3 +301,64 @@ def test_ops_keep_no_activations_after_a_step_or_an_eval_pass(training: bool) ->
     assert [op for op in module.ops if any(name.startswith("_") for name in vars(op))] == []
     if not training:
         np.testing.assert_array_equal(module(x)["logits"], first)  # an eval pass still computes the same
+
+
+def conv_module(batch_statistics: bool = False, dropout: bool = False) -> Module:
+    """A small deep trainable part, Lite0's kind: 1x1 conv, BN, ReLU6, depthwise 3x3 stride 2, pool, dense."""
+    rng = np.random.default_rng(9)
+    p = {"w1": rng.normal(0, 0.5, (6, 4, 1, 1)), "g": rng.uniform(0.5, 1.5, 6), "b": rng.normal(0, 0.1, 6),
+         "dw": rng.normal(0, 0.5, (6, 1, 3, 3)), "fc": rng.normal(0, 0.5, (3, 6)), "fcb": np.zeros(3)}
+    constants = {"mean": rng.normal(0, 0.1, 6).astype(np.float32), "var": rng.uniform(0.5, 2, 6).astype(np.float32),
+                 "lo": np.float32(0), "hi": np.float32(6), "ratio": np.float32(0.3)}
+    nodes = [Node("Conv", ("x", "w1"), ("c1",)),
+             Node("BatchNormalization", ("c1", "g", "b", "mean", "var"), ("n1",), {"training_mode": int(batch_statistics)}),
+             Node("Clip", ("n1", "lo", "hi"), ("r1",)),
+             Node("Conv", ("r1", "dw"), ("c2",), {"group": 6, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1],
+                                                   "strides": [2, 2]}),
+             Node("GlobalAveragePool", ("c2",), ("p",)),
+             Node("Flatten", ("p",), ("f",))]
+    if dropout:
+        nodes.append(Node("Dropout", ("f", "ratio"), ("d",)))
+    nodes.append(Node("Gemm", ("d" if dropout else "f", "fc", "fcb"), ("logits",), {"transB": 1}))
+    params = {k: Parameter(k, v) for k, v in p.items()}
+    return Module(nodes, params, "x", "logits", constants, rng=np.random.default_rng(3), input_shape=(4, 5, 5))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_batch_above_max_pass_runs_in_passes_that_add_up_to_the_whole_batch(dropout: bool) -> None:
+    """Passes of at most `max_pass` samples: the logits, the loss and the gradients of one pass over
+    the batch (float32 rounding apart), and the same dropout masks (the generator is read in order)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (10, 100)).astype(np.float32)
+    labels = one_hot(rng.integers(0, 3, 10), 3)
+    whole, split = conv_module(dropout=dropout), conv_module(dropout=dropout)
+    split.max_pass = 3  # passes of 2-3 samples: 4 passes
+    sizes = []
+    forward = split.forward
+    split.forward = lambda features: sizes.append(len(features)) or forward(features)
+    out_whole, out_split = whole(x, labels), split(x, labels)
+    assert sizes == [2, 3, 2, 3]
+    np.testing.assert_allclose(out_split["logits"], out_whole["logits"], rtol=1e-6, atol=1e-6)
+    assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+    for name, p in whole.params.items():
+        np.testing.assert_allclose(split.params[name].grad, p.grad, rtol=1e-5, atol=1e-6)
+    split.eval(), whole.eval()
+    np.testing.assert_allclose(split(x)["logits"], whole(x)["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_limit_activations_sizes_passes_by_bytes_per_sample_and_never_splits_batch_statistics() -> None:
+    module = conv_module()
+    module.check(100, 3)
+    per_sample = module.sample_bytes
+    # float32: c1, n1, r1 (6x5x5), c2 (6x3x3), p, f (6), logits (3)
+    assert per_sample == 4 * (3 * 150 + 54 + 6 + 6 + 3)
+    module.limit_activations(10 * per_sample + 1)
+    assert module.max_pass == 10
+    module.limit_activations(1)
+    assert module.max_pass == 1  # never 0: one sample per pass at least
+    module.limit_activations(None)
+    assert module.max_pass is None
+    batch_norm = conv_module(batch_statistics=True)
+    batch_norm.check(100, 3)
+    batch_norm.limit_activations(1)
+    assert batch_norm.max_pass is None  # statistics over passes of 1 would be another model

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgetune.cli import net_runner
@@ -261,3 +262,35 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_d
                        env=env)
     assert "needs matplotlib" in line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_training_runs_without_onnxruntime_once_every_image_is_cached(capsys, model, mini_fashion_dir,
+                                                                      feature_cache, monkeypatch) -> None:
+    """After the up-front extraction the frozen graph's session is dropped (its weights and arena are
+    memory the trainable part needs) and nothing loads it again: every step and evaluation is cached."""
+    from edgetune.runtime import frozen
+
+    loads = []
+    make = frozen._inference_session
+    monkeypatch.setattr(frozen, "_inference_session", lambda *a: loads.append(1) or make(*a))
+    unloads = []
+    unload = frozen.FrozenPart.unload
+    monkeypatch.setattr(frozen.FrozenPart, "unload", lambda self: unloads.append(1) or unload(self))
+    run(capsys, model, mini_fashion_dir, feature_cache, "-c", "30", "-q")
+    assert (len(loads), len(unloads)) == (1, 1)  # loaded to check the model, dropped before training
+
+
+def test_an_unloaded_frozen_part_loads_again_for_an_image_it_has_not_seen(lite0_tod) -> None:
+    from edgetune.runtime.session import Context, TrainSession
+
+    session = TrainSession.create(lite0_tod, Context(threads=1))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    first = session.extract_features(x[:1])
+    session.frozen.unload()
+    assert session.frozen._session is None
+    np.testing.assert_array_equal(session.extract_features(x[:1]), first)  # cached: no session needed
+    assert session.frozen._session is None
+    fresh = session.extract_features(x[1:])  # not cached: loaded again, the same graph
+    assert session.frozen._session is not None
+    np.testing.assert_array_equal(fresh, TrainSession.create(lite0_tod, Context(threads=1, cache=False))
+                                  .extract_features(x[1:]))

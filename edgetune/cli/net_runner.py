@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         for split in _splits_used(trainer, data, 10**9 if args.auto else args.cycles):
             trainer.fill_cache(split)
         trainer.progress = None
+        session.frozen.unload()  # all cached: training needs the memory more than onnxruntime does
     else:  # every evaluation runs the backbone again: show each one's progress
         trainer.progress = progress
     cycles = _auto(args, session, data, trainer) if args.auto else args.cycles

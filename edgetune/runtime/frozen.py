@@ -7,6 +7,7 @@ runs the graph on its CPU provider with every graph optimization on (see `_infer
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
@@ -26,6 +27,7 @@ from edgetune.runtime.ort import onnxruntime
 # Bytes of features held in memory before the cache goes to disk: Lite0's run peaks at ~190 MB
 # RSS without features (bench/RESULTS.md), and the device budget is 250 MB.
 DEFAULT_CACHE_BUDGET = 32 << 20
+DEFAULT_ACTIVATION_BUDGET = 64 << 20  # see Context.activation_budget
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class Context:
             frozen graph runs the current one (`edgetune.runtime.pipeline`); 0 decodes in series.
             None (default): 2 with more than one thread, 0 with one (the seed's behaviour: one
             core, nothing overlapped). Features do not depend on it (bit-identical).
+        activation_budget: bytes of tensors one forward/backward pass of the trainable part may make
+            (`Module.limit_activations`; an upper bound on what it keeps for the backward): a batch
+            that would make more runs as several passes whose gradients add up to the batch's
+            (equal up to float32 rounding). The head never reaches it. Lite0 at batch 32 (one
+            step, 2 threads, measured): last block (2.3 MB per sample) 2 passes of 16, step peak
+            +62 -> +24 MB, the step as fast; last stage (8.7 MB) 5 passes of 6-7, +260 -> +62 MB,
+            the step as fast (passes of 1-4 were 10-35% slower). None: one pass per batch.
     """
 
     threads: int = field(default_factory=available_cores)
@@ -59,6 +68,7 @@ class Context:
     feature_batch: int = 4
     cache_budget: int | None = DEFAULT_CACHE_BUDGET
     prefetch: int | None = None
+    activation_budget: int | None = DEFAULT_ACTIVATION_BUDGET
 
     def __post_init__(self) -> None:
         if int(self.threads) < 1:
@@ -69,6 +79,8 @@ class Context:
             raise UserError(f"cache_budget must be >= 0 bytes, got {self.cache_budget}")
         if self.prefetch is not None and int(self.prefetch) < 0:
             raise UserError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.activation_budget is not None and int(self.activation_budget) < 1:
+            raise UserError(f"activation_budget must be >= 1 byte, got {self.activation_budget}")
 
     @property
     def decode_ahead(self) -> int:
@@ -104,10 +116,30 @@ class FrozenPart:
         self.image_shape = tuple(input_shape[1:])
         self.sha256 = hashlib.sha256(blob).hexdigest()
         admit_frozen_graph(blob, (input, output), self.image_shape, ctx.feature_batch)  # before onnxruntime sees it
-        self.session = _inference_session(blob, ctx.threads)
-        self.width = _check_graph(self.session, (input, output), list(input_shape), features)
+        self._session: Any = _inference_session(blob, ctx.threads)
+        self.width = _check_graph(self._session, (input, output), list(input_shape), features)
         self._namespace = namespace_for(self.sha256, preprocessing, output)
         self._cache: FeatureCache | None = None
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session (loaded again on first use after `unload`)."""
+        if self._session is None:
+            self._session = _inference_session(self.blob, self.ctx.threads)
+        return self._session
+
+    def unload(self) -> None:
+        """Drop the onnxruntime session until the next image that is not cached needs it.
+
+        Once every image a run will use is cached, training touches only the trainable part, and the
+        session's weights and activation arena (about 80 MB for Lite0 cut at its last block) are dead
+        weight in a memory budget that the trainable part's activations need. The freed heap is
+        handed back to the operating system where the C library can do that (glibc's `malloc_trim`);
+        elsewhere it stays in the process for reuse. Loading again takes a fraction of a second
+        and gives the same session, hence the same features.
+        """
+        self._session = None
+        _trim_heap()
 
     @property
     def cache(self) -> FeatureCache:
@@ -164,6 +196,14 @@ class FrozenPart:
 
     def __repr__(self) -> str:
         return f"FrozenPart({self.input} -> {self.output}, {self.width} features, sha256 {self.sha256[:12]})"
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the operating system (glibc only; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):  # musl, bionic, macOS, Windows: no malloc_trim
+        pass
 
 
 def _check_graph(sess: Any, io: tuple[str, str], input_shape: list[int], features: int | None) -> int | None:

@@ -74,6 +74,9 @@ class Module:
         self.loss_op = get_loss(loss)
         self.training = True
         self.loss = math.nan
+        self.max_pass: int | None = None  # most samples per forward/backward pass (None: the whole batch)
+        self.sample_bytes = 0  # activation bytes one sample produces in a pass (measured by `check`)
+        self._produced = 0
         self._check_wiring()
         last: dict[str, int] = {}  # node outputs by the index of the last node that reads them
         for i, node in enumerate(self.nodes):
@@ -119,7 +122,9 @@ class Module:
         is the mean over this batch, so K batches of B samples accumulated with `grad_scale=1/K`
         give the gradient of the mean loss over all K*B samples: one `Optimizer.step` after them
         equals one step on a single batch of K*B (up to float32 rounding: sums run in another order).
-        No gradient is added when the loss is not finite (the caller refuses the step).
+        A batch larger than `max_pass` runs that way by itself, in passes of at most `max_pass`
+        samples, so only one pass's activations are alive at once. When the loss is not finite the
+        gradients are not usable (the caller refuses the step; a single pass adds none).
 
         Args:
             features: (N, F) float32, the frozen part's output.
@@ -129,6 +134,24 @@ class Module:
         Returns:
             `{"logits": (N, C)}`, plus `"loss"` (a float32 scalar) when labels were given.
         """
+        n = len(features)
+        size = n if self.max_pass is None else max(1, self.max_pass)
+        if n <= size:
+            return self._pass(features, labels, grad_scale)
+        parts = -(-n // size)  # passes of near-equal size
+        bounds = [n * k // parts for k in range(parts + 1)]
+        logits, loss = [], 0.0
+        for a, b in zip(bounds, bounds[1:]):
+            out = self._pass(features[a:b], None if labels is None else labels[a:b], grad_scale * (b - a) / n)
+            logits.append(out["logits"])
+            loss += self.loss * (b - a) / n
+        outputs = {"logits": np.concatenate(logits)}
+        self.loss = loss if labels is not None else math.nan
+        if labels is not None:
+            outputs["loss"] = np.asarray(loss, dtype=np.float32)
+        return outputs
+
+    def _pass(self, features: np.ndarray, labels: np.ndarray | None, grad_scale: float) -> dict[str, np.ndarray]:
         logits = self.forward(features)
         outputs = {"logits": logits}
         self.loss = math.nan
@@ -151,17 +174,20 @@ class Module:
             features = features.reshape(len(features), *self.input_shape)
         values: dict[str, np.ndarray] = {self.input: features, **self.constants}
         values.update((name, p.data) for name, p in self.params.items())
+        produced = 0
         for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
             args = [values[name] if name else None for name in node.inputs]
             try:
-                values[node.outputs[0]] = op.forward(*args)
+                values[node.outputs[0]] = out = op.forward(*args)
+                produced += out.nbytes
             except ValueError as e:
                 shapes = {name: None if a is None else tuple(a.shape) for name, a in zip(node.inputs, args)}
                 raise ValueError(f"node {node.name or node.outputs[0]!r} ({op!r}) cannot take {shapes}: {e}") from None
-            if not self.training:  # no backward follows: keep nothing past its last reader
+            if not self.training:  # no backward follows: the op keeps nothing either
                 op.release()
-                for name in self._last_read.get(i, ()):
-                    del values[name]
+            for name in self._last_read.get(i, ()):  # what backward needs, the ops that need it keep
+                del values[name]
+        self._produced = produced
         return values[self.output]
 
     def backward(self, grad: np.ndarray) -> None:
@@ -182,11 +208,26 @@ class Module:
                 else:  # a tensor read by several nodes: its gradient is the sum of theirs
                     grads[name] = grads[name] + g_in if name in grads else g_in
 
+    def limit_activations(self, budget: int | None) -> None:
+        """Split batches into passes whose activations stay within about `budget` bytes (None: never split).
+
+        A deep trainable part keeps megabytes per sample for its backward (Lite0's last block: ~2 MB,
+        so 70 MB at batch 32); passes of a few samples bound that and run as fast, their tensors
+        staying in cache. A graph where a sample's output depends on the others (batch-statistics
+        BatchNormalization) is never split: its passes would normalise with other statistics.
+        Needs `check` first (`sample_bytes`).
+        """
+        if budget is None or not self.sample_bytes or any(op.mixes_samples for op in self.ops):
+            self.max_pass = None
+        else:
+            self.max_pass = max(1, int(budget) // self.sample_bytes)
+
     def check(self, features: int, num_classes: int) -> None:
         """Run one zero sample through the graph in eval mode: the shapes must chain to (1, num_classes).
 
         Done once at load, so a model whose layers do not fit together fails there with the node
-        named, not an hour into training. Changes no parameter and draws no random number.
+        named, not an hour into training. Changes no parameter and draws no random number. Sets
+        `sample_bytes`, the bytes of every tensor that sample made (what sizes `max_pass`).
 
         Raises:
             ValueError: a node cannot take its inputs' shapes, or the output is not (1, num_classes).
@@ -196,6 +237,7 @@ class Module:
             out = self.eval().forward(np.zeros((1, features), np.float32))
         finally:
             self.train(was_training)
+        self.sample_bytes = self._produced
         shape = tuple(out.shape)
         if shape != (1, num_classes):
             raise ValueError(f"the trainable part turns {features} frozen features into {shape[1:]} values "

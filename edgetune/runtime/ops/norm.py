@@ -40,7 +40,7 @@ class BatchNormalization(Op):
         super().__init__(**attrs)
         if self.attrs["training_mode"] not in (0, 1):
             raise UnknownOp(f"BatchNormalization: training_mode must be 0 or 1, got {self.attrs['training_mode']}")
-        self.batch_statistics = bool(self.attrs["training_mode"])
+        self.batch_statistics = self.mixes_samples = bool(self.attrs["training_mode"])
 
     def forward(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray,
                 var: np.ndarray) -> np.ndarray:
