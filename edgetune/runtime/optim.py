@@ -296,7 +296,10 @@ class Optimizer:
                     if t.shape != p.data.shape:
                         raise ValueError(f"optimizer slot optim/{p.name}/{s} has shape {t.shape}, "
                                          f"parameter {p.data.shape}")
-                    self.state[p.name][s] = np.array(t, dtype=np.float32)
+                    if t.any() or np.signbit(t).any():
+                        self.state[p.name][s] = np.array(t, dtype=np.float32)
+                    else:  # +0.0 everywhere (a fresh model): lazily zeroed pages, no memory until a step writes
+                        self.state[p.name][s] = np.zeros_like(p.data)
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Every slot as `optim/<param>/<slot>` tensors (the live arrays), for saving."""
