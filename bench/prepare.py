@@ -24,6 +24,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 EXPORT_ARGS = ["--backbone", "efficientnet-lite0", "--num-classes", "10", "--batch-size", "32",
                "--optimizer", "sgd", "--lr", "0.0015", "--momentum", "0.9", "--dampening", "0.01"]
+# a fine-tuned cut with the recipe the choice carries (issue 11): the scaling run's deeper system
+EXPORT_LAST_BLOCK_ARGS = ["--backbone", "efficientnet-lite0", "--num-classes", "10", "--batch-size", "32",
+                          "--trainable", "last-block"]
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Work:
     data: Path
     model: Path
     model_int8: Path
+    model_last_block: Path
     lite0_head: Path
     ort: Path | None
     ort_why: str
@@ -75,13 +79,21 @@ def prepare(work: Path, ort_python: Path) -> Work:
         _say("edgetune convert --quantize int8 (calibrated on the demo set)")
         subprocess.run([edgetune, "convert", "--model", str(onnx_path), "--output", str(model_int8),
                         "--quantize", "int8", "--calibration", str(data)], check=True)
+    model_last_block = work / "transfer_learning_tod_last_block.tod"
+    if not model_last_block.exists():
+        _say("edgetune export --trainable last-block, convert")
+        last_block_onnx = work / "transfer_learning_tod_last_block.onnx"
+        subprocess.run([edgetune, "export", *EXPORT_LAST_BLOCK_ARGS, "--class-names-from",
+                        str(data / "classes.txt"), "-o", str(last_block_onnx)], check=True)
+        subprocess.run([edgetune, "convert", "--model", str(last_block_onnx), "--output",
+                        str(model_last_block)], check=True)
     lite0_head = work / "lite0_head.onnx"
     if not lite0_head.exists():
         _say("torch export of Lite0 + head for ONNX Runtime training")
         export_lite0_head(model, lite0_head)
     ort = work / "ort"
     if not ort_python.exists():
-        return Work(data, model, model_int8, lite0_head, None,
+        return Work(data, model, model_int8, model_last_block, lite0_head, None,
                     f"no onnxruntime-training venv at {ort_python.parent.parent} "
                     "(create it: see bench/run.py --help)")
     if not (ort / "optimizer_model.onnx").exists():
@@ -89,10 +101,10 @@ def prepare(work: Path, ort_python: Path) -> Work:
         done = subprocess.run([str(ort_python), str(BENCH / "ort_artifacts.py"), str(lite0_head),
                                str(ort)], capture_output=True, text=True)
         if done.returncode != 0:
-            return Work(data, model, model_int8, lite0_head, None,
+            return Work(data, model, model_int8, model_last_block, lite0_head, None,
                         "generate_artifacts failed: " + done.stderr.strip().splitlines()[-1])
         (ort / "patch.txt").write_text(done.stdout)
-    return Work(data, model, model_int8, lite0_head, ort, "")
+    return Work(data, model, model_int8, model_last_block, lite0_head, ort, "")
 
 
 def prepare_fashion(root: Path, per_class: int) -> Path:

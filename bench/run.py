@@ -48,7 +48,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 UNITS = {"seed": 60, "long": 1000}
 SCALING_SIZES = (100, 1000, 7000)
-SCALING_SYSTEMS = ("edgetune", "edgetune-int8")
+SCALING_SYSTEMS = ("edgetune", "edgetune-int8", "edgetune-last-block")
 RUN_COMMAND = ".venv/bin/python bench/run.py"
 RUN_MINUTES = 45
 SCALING_COMMAND = ".venv/bin/python bench/run.py --units '' --scaling --scaling-root /work/data"
@@ -62,6 +62,7 @@ class System:
     title: str
     script: str | None      # bench script; None: net_runner
     int8: bool = False      # runs the int8 .tod
+    last_block: bool = False  # runs the `--trainable last-block` .tod (its default recipe)
     extra: tuple[str, ...] = ()
     deps: str = "edgetune"  # key of DEVICE_DEPS: the install it is measured with
     long: str = "run"       # the long unit: "run", "extrapolate" (unless --long-full) or "skip"
@@ -70,6 +71,8 @@ class System:
 SYSTEMS: dict[str, System] = {
     "edgetune": System("edgetune (net_runner), fp32", None),
     "edgetune-int8": System("edgetune (net_runner), int8 frozen part", None, int8=True),
+    "edgetune-last-block": System("edgetune (net_runner), fp32, `--trainable last-block`", None, last_block=True,
+                                  long="extrapolate"),
     "torch-eager": System("PyTorch eager (backbone every step)", "sys_torch_eager.py", deps="torch",
                           long="extrapolate"),
     "torch-cache": System("PyTorch eager + its own feature cache", "sys_torch_cache.py", deps="torch"),
@@ -110,7 +113,7 @@ def command(system: str, steps: int, out: Path, setup: Setup, data: Path | None 
             ) -> tuple[list[str], dict[str, str]]:
     """Return the argument list and extra environment that run ``system`` for ``steps`` steps."""
     w, spec = setup.work, SYSTEMS[system]
-    model = w.model_int8 if spec.int8 else w.model
+    model = w.model_int8 if spec.int8 else w.model_last_block if spec.last_block else w.model
     data = data or w.data
     if spec.script is None:
         copy = out / model.name  # checkpoints land next to the model

@@ -264,10 +264,12 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_d
     assert not (tmp_path / "x.png").exists()
 
 
-def test_training_runs_without_onnxruntime_once_every_image_is_cached(capsys, model, mini_fashion_dir,
-                                                                      feature_cache, monkeypatch) -> None:
-    """After the up-front extraction the frozen graph's session is dropped (its weights and arena are
-    memory the trainable part needs) and nothing loads it again: every step and evaluation is cached."""
+@pytest.mark.parametrize("cycles", ["1", "30"])  # 1 step draws 32 of the 60 train images; 30 draw them all
+def test_training_runs_without_onnxruntime_once_every_image_is_cached(capsys, model, mini_fashion_dir, tmp_path,
+                                                                      monkeypatch, cycles) -> None:
+    """The images a run will use (the train images its seeded batches draw, test, validation) are
+    extracted up front; then the frozen graph's session is dropped (its weights and arena are memory
+    the trainable part needs) and nothing loads it again: every step and evaluation is cached."""
     from edgetune.runtime import frozen
 
     loads = []
@@ -276,7 +278,7 @@ def test_training_runs_without_onnxruntime_once_every_image_is_cached(capsys, mo
     unloads = []
     unload = frozen.FrozenPart.unload
     monkeypatch.setattr(frozen.FrozenPart, "unload", lambda self: unloads.append(1) or unload(self))
-    run(capsys, model, mini_fashion_dir, feature_cache, "-c", "30", "-q")
+    run(capsys, model, mini_fashion_dir, tmp_path / "cache", "-c", cycles, "-q")  # a cold cache
     assert (len(loads), len(unloads)) == (1, 1)  # loaded to check the model, dropped before training
 
 

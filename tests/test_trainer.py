@@ -40,6 +40,19 @@ def test_epochs_are_seeded_permutations(tiny_tod, tiny_split) -> None:
     assert sess.record["seed"] == 3 and sess.record["data_cursor"] == 8
 
 
+def test_upcoming_names_the_images_the_next_steps_draw_without_drawing_them(tiny_tod, tiny_split) -> None:
+    split = RecordingSplit(tiny_split(30))
+    sess = TrainSession.create(tiny_tod(batch_size=4), Context(cache=False))
+    trainer = Trainer(sess, split, seed=5, test_every=0)
+    trainer.fit(2)  # mid-epoch: the next steps cross into a new permutation (7 batches of 4 per epoch)
+    planned = trainer.upcoming(6)
+    assert trainer.upcoming(6).tolist() == planned.tolist()  # asking draws nothing
+    split.calls.clear()
+    trainer.fit(6)
+    assert planned.tolist() == sorted({i for call in split.calls for i in call})
+    assert trainer.upcoming(8).tolist() == list(range(30))  # 8 x 4 >= 30: a whole pass
+
+
 @pytest.mark.parametrize("head", ["mlp", "dense"])
 def test_resume_from_checkpoint_is_bit_identical(tiny_tod, tiny_split, tmp_path, head: str) -> None:
     """4 steps + checkpoint + a new process's worth of objects + 7 steps == 11 uninterrupted steps."""

@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
-        for split in _splits_used(trainer, data, 10**9 if args.auto else args.cycles):
-            trainer.fill_cache(split)
+        for split, indices in _images_used(trainer, data, 10**9 if args.auto else args.cycles):
+            trainer.fill_cache(split, indices)
         trainer.progress = None
         session.frozen.unload()  # all cached: training needs the memory more than onnxruntime does
     else:  # every evaluation runs the backbone again: show each one's progress
@@ -170,14 +170,13 @@ def _callbacks(args: argparse.Namespace, history: History) -> list[Callback]:
     return chosen
 
 
-def _splits_used(trainer, data, cycles: int) -> list:
-    """The splits this run reads: validation always; train and test when training reaches them."""
-    splits = []
-    if cycles * trainer.batch_size >= len(data.train):
-        splits.append(data.train)
+def _images_used(trainer, data, cycles: int) -> list:
+    """(split, indices or None for all) this run reads: the train images its steps will draw, the
+    test split when training reaches an evaluation, the validation split always."""
+    used = [(data.train, trainer.upcoming(cycles))] if cycles > 0 else []
     if cycles >= trainer.test_every:
-        splits.append(data.test)
-    return [*splits, data.validation]
+        used.append((data.test, None))
+    return [*used, (data.validation, None)]
 
 
 def _check_args(args: argparse.Namespace) -> None:

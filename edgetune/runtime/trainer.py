@@ -115,6 +115,24 @@ class Trainer:
         self._order = self._rng.permutation(len(self.train))
         self._cursor = 0
 
+    def upcoming(self, steps: int) -> np.ndarray:
+        """The train indices the next `steps` batches will draw (sorted, each once), without drawing them.
+
+        The data order is seeded, so a run knows which images it will train on before its first
+        step: net_runner extracts exactly those up front and then needs no backbone while training.
+        """
+        if steps * self.batch_size >= len(self.train):  # a pass or more: (nearly) every image
+            return np.arange(len(self.train))
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = self._rng.bit_generator.state
+        order, cursor, drawn = self._order, self._cursor, []
+        for _ in range(steps):
+            if cursor + self.batch_size > len(order):  # as `_next_batch`: the tail starts a new epoch
+                order, cursor = rng.permutation(len(self.train)), 0
+            drawn.append(order[cursor:cursor + self.batch_size])
+            cursor += self.batch_size
+        return np.unique(np.concatenate(drawn)) if drawn else np.arange(0)
+
     def _next_batch(self) -> np.ndarray:
         if self._cursor + self.batch_size > len(self._order):  # the partial tail starts a new epoch
             self._new_epoch()
@@ -212,15 +230,17 @@ class Trainer:
         self._flush_cache()
         return out
 
-    def fill_cache(self, split: Split) -> None:
-        """Run the frozen part over every sample of `split` not cached yet, keeping nothing but the cache.
+    def fill_cache(self, split: Split, indices: np.ndarray | None = None) -> None:
+        """Run the frozen part over every sample of `split` (or those at `indices`) not cached yet,
+        keeping nothing but the cache.
 
         `features` without its result: no (N, F) array is built (7000 Fashion-MNIST images per class
         = 56 MB per split for Lite0), so a cache that went to disk keeps the run's memory bounded.
         """
         if not self.session.ctx.cache:
             raise UserError("fill_cache needs the feature cache on (Context(cache=True))")
-        self._features(split, np.arange(len(split)), f"features {getattr(split, 'name', '')}".strip(), keep=False)
+        idx = np.arange(len(split)) if indices is None else np.asarray(indices)
+        self._features(split, idx, f"features {getattr(split, 'name', '')}".strip(), keep=False)
         self._flush_cache()
 
     def _flush_cache(self) -> None:
