@@ -299,3 +299,37 @@ def test_bad_schedules_are_user_errors() -> None:
         make_schedule("linear", 10)
     with pytest.raises(UserError, match="warmup"):
         make_schedule("cosine", 10, 10)
+
+
+NET_RUNNER_PEAK = """
+import re, sys
+from edgetune.cli import net_runner
+code = net_runner.main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print("peak_rss_mb", int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)) // 1024)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_seed_run_fine_tuning_the_last_block_fits_in_250_mb(fashion_dir, tmp_path) -> None:
+    """`--trainable last-block` (its Adam recipe, 2.3M trainable weights, 37 KB per cached image):
+    the seed's run through net_runner in a fresh process peaks at <= 250 MB, as the head's does."""
+    import subprocess
+    import sys
+
+    from edgetune.convert import convert
+    from edgetune.host import TransferNet, create_backbone, default_head, export
+    from edgetune.runtime.dataset import read_class_file
+
+    names = [name for _folder, name in read_class_file(fashion_dir / "classes.txt")]
+    backbone, info = create_backbone("efficientnet-lite0")
+    net = TransferNet(backbone, default_head(info.features, len(names), seed=0))
+    tod = convert(export(net, "last-block", class_names=names, batch_size=32, path=tmp_path / "lb.onnx"),
+                  tmp_path / "lb")
+    done = subprocess.run([sys.executable, "-c", NET_RUNNER_PEAK, "-f", str(tod), "-d", str(fashion_dir), "-c", "60",
+                           "--target-accuracy", "1.01", "-q"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-2].startswith("accuracy on validation data = ")
+    assert int(lines[-1].split()[1]) <= 250, lines[-1]
