@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
+from edgetune.runtime import blas
 from edgetune.runtime.head import head_graph
 from edgetune.runtime.module import Module, Node
 from edgetune.runtime.ops import OPS, LOSSES, Op, Parameter, UnknownOp, get_op, register_op
@@ -334,8 +337,8 @@ def test_a_batch_above_max_pass_runs_in_passes_that_add_up_to_the_whole_batch(dr
     whole, split = conv_module(dropout=dropout), conv_module(dropout=dropout)
     split.max_pass = 3  # passes of 2-3 samples: 4 passes
     sizes = []
-    forward = split.forward
-    split.forward = lambda features: sizes.append(len(features)) or forward(features)
+    forward = split._forward
+    split._forward = lambda ops, features: sizes.append(len(features)) or forward(ops, features)
     out_whole, out_split = whole(x, labels), split(x, labels)
     assert sizes == [2, 3, 2, 3]
     np.testing.assert_allclose(out_split["logits"], out_whole["logits"], rtol=1e-6, atol=1e-6)
@@ -344,6 +347,58 @@ def test_a_batch_above_max_pass_runs_in_passes_that_add_up_to_the_whole_batch(dr
         np.testing.assert_allclose(split.params[name].grad, p.grad, rtol=1e-5, atol=1e-6)
     split.eval(), whole.eval()
     np.testing.assert_allclose(split(x)["logits"], whole(x)["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_passes_on_two_threads_add_up_to_the_whole_batch_and_repeat_bit_for_bit() -> None:
+    """Passes on two threads at once (pass k on worker k % 2, each with its own op instances, numpy's
+    BLAS on one thread meanwhile): the whole batch's logits, loss and gradients up to float32
+    rounding, and the same bits on every run whichever thread finishes first."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (10, 100)).astype(np.float32)
+    labels = one_hot(rng.integers(0, 3, 10), 3)
+    whole = conv_module()
+    out_whole = whole(x, labels)
+    seen: list[tuple[int, int, int | None]] = []  # (pass size, thread, BLAS threads) of every pass
+    runs = []
+    for _ in range(5):
+        split = conv_module()
+        split.max_pass, split.workers = 4, 2  # 3 passes of <= 4, made 4 (a multiple of the workers)
+        forward = split._forward
+        split._forward = lambda ops, f, forward=forward: seen.append(
+            (len(f), threading.get_ident(), blas.threads())) or forward(ops, f)
+        out = split(x, labels)
+        np.testing.assert_allclose(out["logits"], out_whole["logits"], rtol=1e-6, atol=1e-6)
+        assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+        for name, p in whole.params.items():
+            np.testing.assert_allclose(split.params[name].grad, p.grad, rtol=1e-5, atol=1e-6)
+        assert [op for op in split.ops if any(name.startswith("_") for name in vars(op))] == []
+        runs.append((out["logits"], [p.grad.copy() for p in split.parameters()]))
+    assert sorted(size for size, _, _ in seen[:4]) == [2, 2, 3, 3] and len(seen) == 20
+    assert len({thread for _, thread, _ in seen}) >= 2  # the passes ran on more than one thread
+    if blas.threads() is not None:
+        assert {count for _, _, count in seen} == {1}
+    for logits, grads in runs[1:]:
+        np.testing.assert_array_equal(logits, runs[0][0])
+        for g, g0 in zip(grads, runs[0][1]):
+            np.testing.assert_array_equal(g, g0)
+
+
+def test_a_failing_pass_on_another_thread_raises_in_the_caller_and_leaves_nothing_kept() -> None:
+    module = conv_module()
+    module.max_pass, module.workers = 2, 2
+    forward = module._forward
+
+    def fail_on_the_second_worker(ops, features):
+        if ops is not module.ops:
+            raise ValueError("node 'x' cannot take {}")
+        return forward(ops, features)
+
+    module._forward = fail_on_the_second_worker
+    with pytest.raises(ValueError, match="cannot take"):
+        module(np.zeros((4, 100), np.float32), one_hot(np.zeros(4, int), 3))
+    assert [op for op in module.ops if any(name.startswith("_") for name in vars(op))] == []
+    previous = blas.threads()
+    assert previous is None or previous == blas.set_threads(previous)  # restored after the failure
 
 
 def test_limit_activations_sizes_passes_by_bytes_per_sample_and_never_splits_batch_statistics() -> None:
@@ -362,3 +417,9 @@ def test_limit_activations_sizes_passes_by_bytes_per_sample_and_never_splits_bat
     batch_norm.check(100, 3)
     batch_norm.limit_activations(1)
     assert batch_norm.max_pass is None  # statistics over passes of 1 would be another model
+    module.limit_activations(10 * per_sample + 1, threads=2)
+    assert (module.max_pass, module.workers) == (5, 2)  # passes that run at once share the budget
+    dropout = conv_module(dropout=True)
+    dropout.check(100, 3)
+    dropout.limit_activations(10 * dropout.sample_bytes + 1, threads=2)
+    assert (dropout.max_pass, dropout.workers) == (10, 1)  # masks drawn in pass order: one thread

@@ -115,9 +115,11 @@ def test_threads_default_to_the_cores_this_process_may_use() -> None:
     assert done.stdout.strip() == "1"
 
 
-def test_net_runner_threads_reach_onnxruntime(tiny_tod, tmp_path, monkeypatch) -> None:
-    """`--threads N` is onnxruntime's intra-op count; without it, the cores this process may use."""
+def test_net_runner_threads_reach_onnxruntime_and_numpys_blas(tiny_tod, tmp_path, monkeypatch) -> None:
+    """`--threads N` is onnxruntime's intra-op count, numpy's BLAS threads (set at run time: the
+    environment variable was read when numpy loaded); without it, the cores this process may use."""
     from edgetune.cli import net_runner
+    from edgetune.runtime import blas
     from tests.test_reliability_crash import write_dataset
 
     data = write_dataset(tmp_path / "data")
@@ -126,13 +128,20 @@ def test_net_runner_threads_reach_onnxruntime(tiny_tod, tmp_path, monkeypatch) -
 
     def spy(path, ctx=None):
         session = create(path, ctx)
-        seen.append(session.frozen.session.get_session_options().intra_op_num_threads)
+        seen.append((session.frozen.session.get_session_options().intra_op_num_threads, blas.threads()))
         return session
 
     monkeypatch.setattr(TrainSession, "create", staticmethod(spy))
-    for argv, threads in ((["--threads", "1"], 1), (["--threads", "3"], 3), ([], available_cores())):
-        assert net_runner.main(["-f", tiny_tod(), "-d", os.fspath(data), "-c", "2", "-q", *argv]) == 0
-        assert seen[-1] == threads
+    before = blas.threads()
+    try:
+        for argv, threads in ((["--threads", "1"], 1), (["--threads", "3"], 3), ([], available_cores())):
+            assert net_runner.main(["-f", tiny_tod(), "-d", os.fspath(data), "-c", "2", "-q", *argv]) == 0
+            assert seen[-1][0] == threads
+            if argv and before is not None:
+                assert seen[-1][1] == threads
+    finally:
+        if before is not None:
+            blas.set_threads(before)
 
 
 @pytest.mark.parametrize("option, value, message", [

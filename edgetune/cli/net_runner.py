@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not the last step's; the log says which step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and dropout (default 0)")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="onnxruntime threads for the backbone (default: the cores this process may use, "
-                             "here %(default_cores)s; 1 = the seed's behaviour)" % {"default_cores": _cores()})
+                        help="threads for the backbone (onnxruntime), numpy's matrix products and the training "
+                             "step's passes (default: the cores this process may use, here %(default_cores)s; "
+                             "1 = the seed's behaviour)" % {"default_cores": _cores()})
     parser.add_argument("--no-cache", action="store_true", help="run the backbone for every batch (no feature cache)")
     parser.add_argument("--cache-dir", type=Path, help="keep the feature cache on disk here (reused across runs)")
     parser.add_argument("--cache-budget", type=float, metavar="MB", default=DEFAULT_CACHE_BUDGET / (1 << 20),
@@ -85,12 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and dataset, train for `args.cycles` steps, evaluate, save; returns 0."""
-    from edgetune.runtime import Context, TrainSession
+    from edgetune.runtime import Context, TrainSession, blas
     from edgetune.runtime.dataset import load_dataset
     from edgetune.runtime.trainer import Trainer
 
     _check_args(args)
     threads = {} if args.threads is None else {"threads": args.threads}
+    if args.threads is not None:  # OPENBLAS_NUM_THREADS was read when numpy loaded: too late for a flag
+        blas.set_threads(args.threads)
     session = TrainSession.create(args.model, Context(**threads, cache=not args.no_cache, cache_dir=args.cache_dir,
                                                       cache_budget=int(args.cache_budget * (1 << 20))))
     data = load_dataset(args.data, session.preprocessing, num_classes=session.num_classes)

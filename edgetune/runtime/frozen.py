@@ -35,9 +35,11 @@ class Context:
     """How a session runs its frozen part.
 
     Args:
-        threads: onnxruntime intra-op threads for the frozen part (inter-op is always 1). Default:
-            every core this process may use (`bounds.available_cores`); 1 is the seed's behaviour.
-            Not part of the cache key: a disk cache written with one count is reused by another.
+        threads: onnxruntime intra-op threads for the frozen part (inter-op is always 1), and the
+            threads a deep trainable part's passes run on at once (`Module.limit_activations`).
+            Default: every core this process may use (`bounds.available_cores`); 1 is the seed's
+            behaviour. Not part of the cache key: a disk cache written with one count is reused by
+            another. Training results differ in float32 rounding between counts, never between runs.
         cache: reuse each sample's frozen features (exact: the backbone is deterministic). Turn it
             off when inputs change between epochs (augmentation) or to measure the uncached speed.
         cache_dir: keep the cache in memory-mapped files under this directory (large sets, and
@@ -56,10 +58,12 @@ class Context:
         activation_budget: bytes of tensors one forward/backward pass of the trainable part may make
             (`Module.limit_activations`; an upper bound on what it keeps for the backward): a batch
             that would make more runs as several passes whose gradients add up to the batch's
-            (equal up to float32 rounding). The head never reaches it. Lite0 at batch 32 (one
-            step, 2 threads, measured): last block (2.3 MB per sample) 2 passes of 16, step peak
-            +62 -> +24 MB, the step as fast; last stage (8.7 MB) 5 passes of 6-7, +260 -> +62 MB,
-            the step as fast (passes of 1-4 were 10-35% slower). None: one pass per batch.
+            (equal up to float32 rounding), `threads` of them at once, sharing the budget. The head
+            never reaches it. Lite0 at batch 32 (one step, measured): on 1 thread, last block (2.3
+            MB per sample) 2 passes of 16, step peak +62 -> +24 MB, the step as fast; last stage
+            (8.7 MB) 5 passes of 6-7, +260 -> +62 MB, as fast. On 2 threads, 4 passes of 8 (last
+            block, ~1.4x faster than 2 passes in series) and 12 of 2-3 (last stage, ~1.5x).
+            None: one pass per batch.
     """
 
     threads: int = field(default_factory=available_cores)

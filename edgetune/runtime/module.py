@@ -14,13 +14,16 @@ can make one optimizer step (`Optimizer.step`); see `__call__` for the exact sem
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from edgetune.runtime import blas
 from edgetune.runtime.ops import Op, Parameter, get_loss, get_op
 
 
@@ -75,6 +78,7 @@ class Module:
         self.training = True
         self.loss = math.nan
         self.max_pass: int | None = None  # most samples per forward/backward pass (None: the whole batch)
+        self.workers = 1  # threads a split batch's passes run on (`limit_activations`)
         self.sample_bytes = 0  # activation bytes one sample produces in a pass (measured by `check`)
         self._produced = 0
         self._check_wiring()
@@ -137,31 +141,80 @@ class Module:
         n = len(features)
         size = n if self.max_pass is None else max(1, self.max_pass)
         if n <= size:
-            return self._pass(features, labels, grad_scale)
-        parts = -(-n // size)  # passes of near-equal size
+            logits, loss = self._pass(self.ops, self.loss_op, features, labels, grad_scale)
+            self.loss = loss
+            return self._outputs(logits, loss if labels is not None else None)
+        parts = -(-n // size)  # passes of near-equal size, a multiple of the workers
+        workers = min(self.workers, parts)
+        parts = min(n, -(-parts // workers) * workers)
         bounds = [n * k // parts for k in range(parts + 1)]
-        logits, loss = [], 0.0
-        for a, b in zip(bounds, bounds[1:]):
-            out = self._pass(features[a:b], None if labels is None else labels[a:b], grad_scale * (b - a) / n)
-            logits.append(out["logits"])
-            loss += self.loss * (b - a) / n
-        outputs = {"logits": np.concatenate(logits)}
+        passes = [(features[a:b], None if labels is None else labels[a:b], grad_scale * (b - a) / n)
+                  for a, b in zip(bounds, bounds[1:])]
+        results = self._parallel(passes, workers) if workers > 1 else \
+            [self._pass(self.ops, self.loss_op, *p) for p in passes]
+        loss = sum(pass_loss * (b - a) / n for (_, pass_loss), a, b in zip(results, bounds, bounds[1:]))
         self.loss = loss if labels is not None else math.nan
-        if labels is not None:
+        return self._outputs(np.concatenate([logits for logits, _ in results]), loss if labels is not None else None)
+
+    @staticmethod
+    def _outputs(logits: np.ndarray, loss: float | None) -> dict[str, np.ndarray]:
+        outputs = {"logits": logits}
+        if loss is not None:
             outputs["loss"] = np.asarray(loss, dtype=np.float32)
         return outputs
 
-    def _pass(self, features: np.ndarray, labels: np.ndarray | None, grad_scale: float) -> dict[str, np.ndarray]:
-        logits = self.forward(features)
-        outputs = {"logits": logits}
-        self.loss = math.nan
-        if labels is not None:
-            loss = self.loss_op.forward(logits, labels)
-            outputs["loss"] = np.asarray(loss, dtype=np.float32)
-            self.loss = float(loss)
-            if self.training and math.isfinite(self.loss):
-                self.backward(self.loss_op.backward(grad_scale)[0])
-        return outputs
+    def _pass(self, ops: list[Op], loss_op: Op, features: np.ndarray, labels: np.ndarray | None,
+              grad_scale: float, grads: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+        """Forward, loss and (train mode, finite loss) backward of one pass with these op instances: (logits, loss).
+
+        Gradients go into `Parameter.grad`, or with `grads` into that dict (a worker's own sums)."""
+        logits, _ = self._forward(ops, features)
+        if labels is None:
+            return logits, math.nan
+        loss = float(loss_op.forward(logits, labels))
+        if self.training and math.isfinite(loss):
+            self._backward(ops, loss_op.backward(grad_scale)[0], grads)
+        return logits, loss
+
+    def _parallel(self, passes: list[tuple[np.ndarray, np.ndarray | None, float]],
+                  workers: int) -> list[tuple[np.ndarray, float]]:
+        """Run the passes on `workers` threads, pass k on worker k % workers, each with its own op instances.
+
+        numpy releases the GIL in its loops and matrix products, so the element-wise work that keeps
+        one core busy in a serial step spreads over all of them; each thread's products run on that
+        thread alone (`blas.limited(1)`). Worker 0 (this thread) adds into `Parameter.grad`, the
+        others into their own sums, added after it in worker order: the result does not depend on
+        which thread finishes first, so a run is reproducible (and resumes bit-identically).
+        """
+        results: list[tuple[np.ndarray, float] | None] = [None] * len(passes)
+        sums: list[dict[str, np.ndarray]] = [{} for _ in range(workers)]
+        errors: list[BaseException] = []
+
+        def work(w: int) -> None:
+            ops = self.ops if w == 0 else [copy.copy(op) for op in self.ops]
+            loss_op = self.loss_op if w == 0 else copy.copy(self.loss_op)
+            try:
+                for k in range(w, len(passes), workers):
+                    results[k] = self._pass(ops, loss_op, *passes[k], None if w == 0 else sums[w])
+            except BaseException as e:  # re-raised by the caller's thread
+                errors.append(e)
+            finally:
+                for op in ops:
+                    op.release()
+
+        with blas.limited(1):
+            threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, workers)]
+            for t in threads:
+                t.start()
+            work(0)
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        for w in range(1, workers):
+            for name, g in sums[w].items():
+                self.params[name].grad += g
+        return results  # type: ignore[return-value]
 
     # --- the engine -------------------------------------------------------------------------
     def forward(self, features: np.ndarray) -> np.ndarray:
@@ -170,12 +223,21 @@ class Module:
         Raises:
             ValueError: a node cannot take its inputs (their shapes are named in the message).
         """
+        logits, self._produced = self._forward(self.ops, features)
+        return logits
+
+    def backward(self, grad: np.ndarray) -> None:
+        """Propagate d loss / d output back through the last `forward`, adding into each `Parameter.grad`."""
+        self._backward(self.ops, grad, None)
+
+    def _forward(self, ops: list[Op], features: np.ndarray) -> tuple[np.ndarray, int]:
+        """`forward` with these op instances: (output, bytes of every tensor made)."""
         if self.input_shape is not None:
             features = features.reshape(len(features), *self.input_shape)
         values: dict[str, np.ndarray] = {self.input: features, **self.constants}
         values.update((name, p.data) for name, p in self.params.items())
         produced = 0
-        for i, (node, op) in enumerate(zip(self.nodes, self.ops)):
+        for i, (node, op) in enumerate(zip(self.nodes, ops)):
             args = [values[name] if name else None for name in node.inputs]
             try:
                 values[node.outputs[0]] = out = op.forward(*args)
@@ -187,13 +249,12 @@ class Module:
                 op.release()
             for name in self._last_read.get(i, ()):  # what backward needs, the ops that need it keep
                 del values[name]
-        self._produced = produced
-        return values[self.output]
+        return values[self.output], produced
 
-    def backward(self, grad: np.ndarray) -> None:
-        """Propagate d loss / d output back through the last `forward`, adding into each `Parameter.grad`."""
+    def _backward(self, ops: list[Op], grad: np.ndarray, sums: dict[str, np.ndarray] | None) -> None:
+        """`backward` with these op instances, adding parameter gradients into `sums` when given."""
         grads: dict[str, np.ndarray] = {self.output: grad}
-        for node, op in zip(reversed(self.nodes), reversed(self.ops)):
+        for node, op in zip(reversed(self.nodes), reversed(ops)):
             g = grads.pop(node.outputs[0], None)
             if g is None or not any(op.needs_grad):
                 op.release()
@@ -204,23 +265,32 @@ class Module:
                 if not need or g_in is None:
                     continue
                 if name in self.params:
-                    self.params[name].grad += g_in
+                    if sums is None:
+                        self.params[name].grad += g_in
+                    else:  # a worker's own sum (a fresh array: g_in may be a view of another tensor)
+                        sums[name] = sums[name] + g_in if name in sums else g_in.copy()
                 else:  # a tensor read by several nodes: its gradient is the sum of theirs
                     grads[name] = grads[name] + g_in if name in grads else g_in
 
-    def limit_activations(self, budget: int | None) -> None:
-        """Split batches into passes whose activations stay within about `budget` bytes (None: never split).
+    def limit_activations(self, budget: int | None, threads: int = 1) -> None:
+        """Split batches into passes whose activations stay within about `budget` bytes (None: never split),
+        run on up to `threads` threads at once.
 
         A deep trainable part keeps megabytes per sample for its backward (Lite0's last block: ~2 MB,
         so 70 MB at batch 32); passes of a few samples bound that and run as fast, their tensors
-        staying in cache. A graph where a sample's output depends on the others (batch-statistics
-        BatchNormalization) is never split: its passes would normalise with other statistics.
-        Needs `check` first (`sample_bytes`).
+        staying in cache. Passes that run at once share the budget. A graph where a sample's output
+        depends on the others (batch-statistics BatchNormalization) is never split: its passes would
+        normalise with other statistics; one that draws random numbers (dropout) runs its passes one
+        after the other, so the generator is read in the same order on every run. Needs `check`
+        first (`sample_bytes`).
         """
+        self.workers = 1
         if budget is None or not self.sample_bytes or any(op.mixes_samples for op in self.ops):
             self.max_pass = None
-        else:
-            self.max_pass = max(1, int(budget) // self.sample_bytes)
+            return
+        if not any(op.draws_random for op in self.ops):
+            self.workers = max(1, int(threads))
+        self.max_pass = max(1, int(budget) // (self.sample_bytes * self.workers))
 
     def check(self, features: int, num_classes: int) -> None:
         """Run one zero sample through the graph in eval mode: the shapes must chain to (1, num_classes).

@@ -99,7 +99,7 @@ class TrainSession:
                              meta.get("loss", "softmax_cross_entropy"), rng, shape)
         if self.frozen.width is not None:
             self.module.check(self.frozen.width, meta["num_classes"])
-            self.module.limit_activations(self.ctx.activation_budget)
+            self.module.limit_activations(self.ctx.activation_budget, self.ctx.threads)
         step = meta.get("optimizer_step", 0)
         self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step, meta.get("param_groups"))
         self.optimizer.load_state(state.optimizer_state)

@@ -49,6 +49,7 @@ class Op:
     identity_at_inference: ClassVar[bool] = False  # passes its first input through in eval mode (Dropout):
     # the inference export leaves such a node out
     mixes_samples: bool = False  # a sample's output depends on the other samples of the pass (batch statistics)
+    draws_random: ClassVar[bool] = False  # forward reads `rng` in train mode (dropout): passes must run in order
     training: bool = True
     rng: np.random.Generator | None = None  # set by the module: the one generator random ops draw from
 

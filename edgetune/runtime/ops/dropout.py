@@ -17,6 +17,7 @@ class Dropout(Op):
     """
 
     identity_at_inference = True
+    draws_random = True
 
     def forward(self, x: np.ndarray, ratio: np.ndarray | None = None,
                 training_mode: np.ndarray | None = None) -> np.ndarray:
