@@ -18,14 +18,16 @@ at the same cut and thread count, and the whole seed run per choice: `bench/fine
 
     python bench/finetune.py --data /work/data/glyphs300 --data /work/data/fm300 --epochs 30
 
-`--epochs` sets STEPS = epochs x ceil(train images / 32). Accuracy does not depend on machine
-load; the times do (run on a quiet machine for those).
+`--epochs` sets STEPS = epochs x ceil(train images / 32). `--seeds 0,1,2` runs each cell once per
+data-order seed and reports the mean (each run's accuracy beside it; time: median, RSS: max).
+Accuracy does not depend on machine load; the times do (run on a quiet machine for those).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -52,8 +54,9 @@ def build(data: Path, choice: str, work: Path) -> Path:
     return Path(convert(onnx_path, tod))
 
 
-def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path, auto: bool = False) -> dict:
-    """`net_runner -f tod -d data -c steps -q` (or `--auto`) in a child: validation accuracy, wall s, peak RSS (MB).
+def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path, auto: bool = False, seed: int = 0) -> dict:
+    """`net_runner -f tod -d data -c steps -q --seed seed` (or `--auto`) in a child: validation accuracy, wall s,
+    peak RSS (MB). The seed sets the data order (and dropout); the initial weights are the model's.
 
     Measured by `bench/measure.py` (the child under `/usr/bin/time -v`): the peak RSS of a child
     forked from this process would start at this process's own (torch loaded: ~700 MB).
@@ -62,7 +65,7 @@ def run_net_runner(tod: Path, data: Path, steps: int, cache_dir: Path, auto: boo
 
     how = ["--auto"] if auto else ["-c", str(steps), "--target-accuracy", "1"]  # the seed stops at test accuracy 0.9
     cmd = [sys.executable, "-m", "edgetune.cli.main", "run", "-f", str(tod), "-d", str(data), "-q",
-           "--cache-dir", str(cache_dir), *how]
+           "--cache-dir", str(cache_dir), "--seed", str(seed), *how]
     try:
         run = measure.run(cmd, {"PYTHONPATH": str(ROOT)}, label=f"net_runner {tod.name}")
     except RuntimeError as e:
@@ -89,7 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="training steps per run instead of --epochs (a quick check)")
     parser.add_argument("--work", type=Path, default=Path("bench-finetune"), help="models, caches (default ./bench-finetune)")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
-    return parser.parse_args(argv)
+    parser.add_argument("--seeds", default="0", help="comma-separated data-order seeds, one run each: the table "
+                        "gives their mean and each run's accuracy (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        parser.error("--seeds names no seed")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgetune.runtime import format as tod_format
     from edgetune.runtime.dataset import load_dataset, read_class_file
 
-    rows = ["| dataset | trainable | recipe | steps | validation acc | probe C=1 / C on test | whole run s | "
+    rows = ["| dataset | trainable | recipe | steps | validation acc (mean of seeds) | probe C=1 / C on test | whole run s | "
             "peak RSS MB | cache bytes/image |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     done, total = 0, len(args.data) * len(choices)
@@ -123,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             meta = tod_format.load_file(tod).meta
             variants = [(RECIPES[choice].describe(), False)] + ([("--auto (issue 12)", True)] if choice == "head" else [])
             for recipe, auto in variants:
-                run = run_net_runner(tod, data, steps, cache, auto)
-                rows.append(f"| {data.name} | {choice} | {recipe} | {'searched' if auto else steps} | "
-                            f"{run['validation']:.4f} | {probe_text} | {run['seconds']:.0f} | {run['rss_mb']:.0f} | "
-                            f"{4 * meta['frozen']['features']} |")
+                runs = [run_net_runner(tod, data, steps, cache, auto, seed) for seed in args.seeds]
+                accuracy = [run["validation"] for run in runs]
+                shown = f"{statistics.mean(accuracy):.4f}" + (
+                    f" ({' / '.join(f'{a:.4f}' for a in accuracy)})" if len(runs) > 1 else "")
+                rows.append(f"| {data.name} | {choice} | {recipe} | {'searched' if auto else steps} | {shown} | "
+                            f"{probe_text} | {statistics.median(r['seconds'] for r in runs):.0f} | "
+                            f"{max(r['rss_mb'] for r in runs):.0f} | {4 * meta['frozen']['features']} |")
             done += 1
-            print(f"{done}/{total} done: {data.name} {choice}: validation {run['validation']:.4f}", file=sys.stderr,
-                  flush=True)
+            print(f"{done}/{total} done: {data.name} {choice}: validation {shown}", file=sys.stderr, flush=True)
     print("\n".join(rows))
     return 0
 

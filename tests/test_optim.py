@@ -11,8 +11,8 @@ from edgetune.errors import UserError
 from edgetune.runtime.head import head_graph
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
-from edgetune.runtime.optim import (OPTIMIZERS, SGD, UPDATE_BLOCK, Adam, AdamW, Algorithm, Optimizer, TrainingDiverged,
-                                    make_optimizer)
+from edgetune.runtime.optim import (BLOCKS_PER_THREAD, OPTIMIZERS, SGD, UPDATE_BLOCK, Adam, AdamW, Algorithm,
+                                    Optimizer, TrainingDiverged, make_optimizer)
 
 TORCH_SGD = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}  # torch's defaults
 TORCH_ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -271,14 +271,36 @@ def test_a_parameter_larger_than_a_block_is_updated_as_torch_updates_it(setting:
     np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_an_update_that_overflows_in_its_last_block_undoes_every_block() -> None:
-    p = Parameter("w", np.ones(2 * UPDATE_BLOCK + 3))
+@pytest.mark.parametrize("setting", ["sgd_seed", "sgd_nesterov", "adam_weight_decay", "adamw"])
+def test_updates_on_several_threads_are_the_same_bits_as_on_one(setting: str) -> None:
+    """Blocks w, w + T, ... on thread w: every rule is element-wise, so any thread count gives the same bits."""
+    shapes = [(BLOCKS_PER_THREAD * 6, UPDATE_BLOCK // 2 + 5), (7,)]  # 13 blocks (3 threads' worth), a tiny one
+    runs = []
+    for threads in (1, 2, 3):
+        params = [Parameter(f"p{i}", np.random.default_rng(i).normal(0, 1, shape)) for i, shape in enumerate(shapes)]
+        opt = make_optimizer(SETTINGS[setting], params, param_groups=[{"name": "g", "params": ["p1"], "lr_scale": 0.1}],
+                             threads=threads)
+        grads = np.random.default_rng(9)
+        for _ in range(3):
+            for p in params:
+                p.grad[...] = grads.normal(0, 1, p.data.shape)
+            opt.step()
+        runs.append([p.data.copy() for p in params] + list(opt.state_tensors().values()))
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_update_that_overflows_in_its_last_block_undoes_every_block(threads: int) -> None:
+    """Also when the blocks run on two threads: the other thread's blocks are undone too."""
+    p = Parameter("w", np.ones(2 * BLOCKS_PER_THREAD * UPDATE_BLOCK + 3))
     q = Parameter("b", np.ones(4))
-    opt = Optimizer([q, p], SGD(lr=1.0, momentum=0.9))
+    opt = Optimizer([q, p], SGD(lr=1.0, momentum=0.9), threads=threads)
     q.grad[:], p.grad[:] = 1.0, 0.5
     opt.step()
     p.data[-1] = -3e38
-    p.grad[-1] = 3e38  # -3e38 - 1.0 * (0.9 buf + 0.99 * 3e38) overflows float32, in the third block only
+    p.grad[-1] = 3e38  # -3e38 - 1.0 * (0.9 buf + 0.99 * 3e38) overflows float32, in the last block only
     before = (q.data.copy(), p.data.copy(), {k: v.copy() for k, v in opt.state_tensors().items()})
     with pytest.raises(TrainingDiverged, match="step 2: the update made a weight non-finite"):
         opt.step()

@@ -7,7 +7,6 @@ runs the graph on its CPU provider with every graph optimization on (see `_infer
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
 import os
@@ -20,6 +19,7 @@ import numpy as np
 from edgetune.errors import UserError
 from edgetune.runtime.bounds import available_cores
 from edgetune.runtime.cache import FeatureCache, content_keys, namespace_for
+from edgetune.runtime import heap
 from edgetune.runtime.graph_check import admit_frozen_graph
 from edgetune.runtime.ort import onnxruntime
 
@@ -143,7 +143,7 @@ class FrozenPart:
         and gives the same session, hence the same features.
         """
         self._session = None
-        _trim_heap()
+        heap.trim()
 
     @property
     def cache(self) -> FeatureCache:
@@ -201,13 +201,6 @@ class FrozenPart:
     def __repr__(self) -> str:
         return f"FrozenPart({self.input} -> {self.output}, {self.width} features, sha256 {self.sha256[:12]})"
 
-
-def _trim_heap() -> None:
-    """Return the C heap's free memory to the operating system (glibc only; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):  # musl, bionic, macOS, Windows: no malloc_trim
-        pass
 
 
 def _check_graph(sess: Any, io: tuple[str, str], input_shape: list[int], features: int | None) -> int | None:

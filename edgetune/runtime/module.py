@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetune.runtime import blas
+from edgetune.runtime import blas, heap
 from edgetune.runtime.ops import Op, Parameter, get_loss, get_op
 
 
@@ -202,6 +202,7 @@ class Module:
                 for op in ops:
                     op.release()
 
+        heap.one_arena()
         with blas.limited(1):
             threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, workers)]
             for t in threads:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -97,6 +98,7 @@ def _is_number(value: Any) -> bool:
 
 OPTIMIZERS: dict[str, type[Algorithm]] = {}
 UPDATE_BLOCK = 1 << 16  # elements per block of an update (256 KB of float32 per array: about an L2 cache)
+BLOCKS_PER_THREAD = 4  # fewer blocks run on the caller's thread alone (the head: starting a thread costs more)
 
 
 def register_optimizer(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
@@ -224,11 +226,13 @@ class Optimizer:
         step_count: steps already taken (from a checkpoint): SGD's first step and Adam's bias
             correction depend on it.
         lr_scales: learning-rate factor by parameter name (parameter groups); absent names train at `lr`.
+        threads: threads an update runs on (numpy's loops release the GIL); the result does not depend on it.
     """
 
     def __init__(self, params: Sequence[Parameter], algorithm: Algorithm, step_count: int = 0,
-                 lr_scales: Mapping[str, float] | None = None) -> None:
+                 lr_scales: Mapping[str, float] | None = None, threads: int = 1) -> None:
         self.params = list(params)
+        self.threads = max(1, int(threads))
         self.algorithm = algorithm
         self.lr = float(algorithm.lr)  # the live rate: schedules change it between steps
         self.step_count = int(step_count)
@@ -246,8 +250,10 @@ class Optimizer:
 
         A finite gradient can still overflow float32 in the update (a huge learning rate, weights
         near float32's max). Such a step is undone (parameters, slots and step count restored from
-        a snapshot: the trainable part is small, the copy cheap) so that no session, and hence no
-        checkpoint, ever holds an inf.
+        copies each block takes before its update: the trainable part is small, the copy cheap) so
+        that no session, and hence no checkpoint, ever holds an inf. The blocks (`UPDATE_BLOCK`
+        elements of one parameter) run on `threads` threads: every rule is element-wise, so the
+        result is the same bits on any count.
 
         Raises:
             TrainingDiverged: a gradient is not finite, or the update made a weight or slot non-finite;
@@ -255,27 +261,41 @@ class Optimizer:
         """
         if not all(np.isfinite(p.grad).all() for p in self.params):
             raise self.diverged("a gradient is not finite")
-        params = [p.data.copy() for p in self.params]
-        snapshot = {k: v.copy() for k, v in self.state_tensors().items()}
         self.step_count += 1
-        finite = True
-        with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
-            for p in self.params:
-                scale = self.lr_scales[p.name]
-                lr = self.lr if scale == 1.0 else self.lr * scale
-                data, grad = p.data.reshape(-1), p.grad.reshape(-1)
-                slots = {k: v.reshape(-1) for k, v in self.state[p.name].items()}
-                for a in range(0, data.size, UPDATE_BLOCK):  # the rule's passes then re-read cached memory
-                    block = slice(a, a + UPDATE_BLOCK)
-                    state = {k: v[block] for k, v in slots.items()}
-                    self.algorithm.update(data[block], grad[block], state, self.step_count, lr)
-                    finite = finite and bool(np.isfinite(data[block]).all()) and all(
-                        np.isfinite(v).all() for v in state.values())
-        if not finite:
-            for p, before in zip(self.params, params):
-                p.data[...] = before
-            self.load_state(snapshot)
+        blocks = [(p, a) for p in self.params for a in range(0, p.data.size, UPDATE_BLOCK)]
+        workers = max(1, min(self.threads, len(blocks) // BLOCKS_PER_THREAD))
+        saved: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(workers)]  # (view, its copy)
+        finite = [True] * workers
+        errors: list[BaseException] = []
+
+        def work(w: int) -> None:  # blocks w, w + workers, ...: element-wise, so any split gives the same bits
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
+                    for p, a in blocks[w::workers]:
+                        scale = self.lr_scales[p.name]
+                        block = slice(a, a + UPDATE_BLOCK)
+                        data = p.data.reshape(-1)[block]
+                        state = {k: v.reshape(-1)[block] for k, v in self.state[p.name].items()}
+                        saved[w].extend((view, view.copy()) for view in (data, *state.values()))
+                        self.algorithm.update(data, p.grad.reshape(-1)[block], state, self.step_count,
+                                              self.lr if scale == 1.0 else self.lr * scale)
+                        finite[w] = finite[w] and bool(np.isfinite(data).all()) and all(
+                            np.isfinite(v).all() for v in state.values())
+            except BaseException as e:  # re-raised by the caller's thread, after the undo
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, workers)]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if errors or not all(finite):
+            for view, before in (pair for pairs in saved for pair in pairs):
+                view[...] = before
             self.step_count -= 1
+            if errors:
+                raise errors[0]
             raise self.diverged("the update made a weight non-finite")
 
     def diverged(self, what: str) -> TrainingDiverged:
@@ -310,14 +330,14 @@ class Optimizer:
 
 
 def make_optimizer(config: Mapping[str, Any], params: Sequence[Parameter], step_count: int = 0,
-                   param_groups: Sequence[Mapping[str, Any]] | None = None) -> Optimizer:
+                   param_groups: Sequence[Mapping[str, Any]] | None = None, threads: int = 1) -> Optimizer:
     """The optimizer a model's `meta["optimizer"]` (and `meta["param_groups"]`, if any) describes, over `params`.
 
     Raises:
         UserError: an unknown optimizer, a missing, unknown or bad setting, or parameter groups that
             are not `[{"name", "params", "lr_scale"}, ...]` covering each parameter at most once.
     """
-    return Optimizer(params, Algorithm.from_meta(config), step_count, lr_scales(param_groups or [], params))
+    return Optimizer(params, Algorithm.from_meta(config), step_count, lr_scales(param_groups or [], params), threads)
 
 
 def lr_scales(param_groups: Sequence[Mapping[str, Any]], params: Sequence[Parameter]) -> dict[str, float]:

@@ -101,7 +101,8 @@ class TrainSession:
             self.module.check(self.frozen.width, meta["num_classes"])
             self.module.limit_activations(self.ctx.activation_budget, self.ctx.threads)
         step = meta.get("optimizer_step", 0)
-        self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step, meta.get("param_groups"))
+        self.optimizer = make_optimizer(meta["optimizer"], self.module.parameters(), step, meta.get("param_groups"),
+                                        self.ctx.threads)
         self.optimizer.load_state(state.optimizer_state)
         absent = [name for name in self.optimizer.state_tensors() if name not in state.optimizer_state]
         if step > 0 and absent:  # zeros would silently restart momentum / Adam moments mid-run
