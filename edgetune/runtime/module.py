@@ -127,7 +127,8 @@ class Module:
         give the gradient of the mean loss over all K*B samples: one `Optimizer.step` after them
         equals one step on a single batch of K*B (up to float32 rounding: sums run in another order).
         A batch larger than `max_pass` runs that way by itself, in passes of at most `max_pass`
-        samples, so only one pass's activations are alive at once. When the loss is not finite the
+        samples, `workers` of them at once on their own threads (`_parallel`), so only that many
+        passes' activations are alive at once. When the loss is not finite the
         gradients are not usable (the caller refuses the step; a single pass adds none).
 
         Args:

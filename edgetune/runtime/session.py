@@ -27,6 +27,7 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
+from edgetune.runtime import heap
 from edgetune.runtime.atomic import write_atomic
 from edgetune.runtime.bounds import OverBudget
 from edgetune.runtime.cache import FeatureCache
@@ -68,6 +69,7 @@ class TrainSession:
 
     def __init__(self, tod: tod_format.TodFile, ctx: Context, path: str | None = None) -> None:
         self.ctx, self.path = ctx, path
+        heap.one_arena()  # before this session's threads start (decoding, onnxruntime, passes): see `heap`
         try:
             self._load(CheckpointState.from_tod(tod))
         except OverBudget:  # the file may be fine: this process cannot afford it, and says so
