@@ -259,11 +259,12 @@ def test_a_killed_server_resumes_from_its_last_global_model(tiny, tmp_path) -> N
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
 def test_ctrl_c_or_sigterm_stops_every_process(tiny, tmp_path, sig, status) -> None:
     """Interrupted while its supernodes are up, the command stops all of them and their children."""
-    # rounds enough that the run cannot end before the signal (on a loaded machine 3 rounds of the tiny
-    # model could finish while this loop was still looking for the supernodes: exit 0, not interrupted)
+    # rounds enough that the run cannot end before the signal; SIGINT as a terminal delivers it: a test
+    # run started in the background by a shell (`cmd &`) inherits SIGINT ignored, and so would the CLI
     args = _cli("--model", tiny["model"], "--data", str(tiny["union"]), "--nodes", "3", "--rounds", "1000",
                 "-o", str(tmp_path / "out"))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120
