@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from edgetune.runtime import blas, heap
 from edgetune.runtime.ops import Op, Parameter, get_loss, get_op
+from edgetune.runtime.workers import run_workers
 
 
 @dataclass(frozen=True)
@@ -189,30 +189,19 @@ class Module:
         """
         results: list[tuple[np.ndarray, float] | None] = [None] * len(passes)
         sums: list[dict[str, np.ndarray]] = [{} for _ in range(workers)]
-        errors: list[BaseException] = []
-
         def work(w: int) -> None:
             ops = self.ops if w == 0 else [copy.copy(op) for op in self.ops]
             loss_op = self.loss_op if w == 0 else copy.copy(self.loss_op)
             try:
                 for k in range(w, len(passes), workers):
                     results[k] = self._pass(ops, loss_op, *passes[k], None if w == 0 else sums[w])
-            except BaseException as e:  # re-raised by the caller's thread
-                errors.append(e)
             finally:
                 for op in ops:
                     op.release()
 
         heap.one_arena()
         with blas.limited(1):
-            threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, workers)]
-            for t in threads:
-                t.start()
-            work(0)
-            for t in threads:
-                t.join()
-        if errors:
-            raise errors[0]
+            run_workers(work, workers)
         for w in range(1, workers):
             for name, g in sums[w].items():
                 self.params[name].grad += g

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +20,7 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime.ops import Parameter
+from edgetune.runtime.workers import run_workers
 
 
 class TrainingDiverged(UserError):
@@ -266,36 +266,32 @@ class Optimizer:
         workers = max(1, min(self.threads, len(blocks) // BLOCKS_PER_THREAD))
         saved: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(workers)]  # (view, its copy)
         finite = [True] * workers
-        errors: list[BaseException] = []
 
         def work(w: int) -> None:  # blocks w, w + workers, ...: element-wise, so any split gives the same bits
-            try:
-                with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
-                    for p, a in blocks[w::workers]:
-                        scale = self.lr_scales[p.name]
-                        block = slice(a, a + UPDATE_BLOCK)
-                        data = p.data.reshape(-1)[block]
-                        state = {k: v.reshape(-1)[block] for k, v in self.state[p.name].items()}
-                        saved[w].extend((view, view.copy()) for view in (data, *state.values()))
-                        self.algorithm.update(data, p.grad.reshape(-1)[block], state, self.step_count,
-                                              self.lr if scale == 1.0 else self.lr * scale)
-                        finite[w] = finite[w] and bool(np.isfinite(data).all()) and all(
-                            np.isfinite(v).all() for v in state.values())
-            except BaseException as e:  # re-raised by the caller's thread, after the undo
-                errors.append(e)
+            with np.errstate(over="ignore", invalid="ignore"):  # detected below, reported as divergence
+                for p, a in blocks[w::workers]:
+                    scale = self.lr_scales[p.name]
+                    block = slice(a, a + UPDATE_BLOCK)
+                    data = p.data.reshape(-1)[block]
+                    state = {k: v.reshape(-1)[block] for k, v in self.state[p.name].items()}
+                    saved[w].extend((view, view.copy()) for view in (data, *state.values()))
+                    self.algorithm.update(data, p.grad.reshape(-1)[block], state, self.step_count,
+                                          self.lr if scale == 1.0 else self.lr * scale)
+                    finite[w] = finite[w] and bool(np.isfinite(data).all()) and all(
+                        np.isfinite(v).all() for v in state.values())
 
-        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(1, workers)]
-        for t in threads:
-            t.start()
-        work(0)
-        for t in threads:
-            t.join()
-        if errors or not all(finite):
+        def undo() -> None:
             for view, before in (pair for pairs in saved for pair in pairs):
                 view[...] = before
             self.step_count -= 1
-            if errors:
-                raise errors[0]
+
+        try:
+            run_workers(work, workers)
+        except BaseException:
+            undo()
+            raise
+        if not all(finite):
+            undo()
             raise self.diverged("the update made a weight non-finite")
 
     def diverged(self, what: str) -> TrainingDiverged:
