@@ -158,6 +158,36 @@ def test_trainable_metadata_lists_groups_and_buffers(tiny_export):
     assert meta["buffers"] == sorted(f"backbone.{m}.{s}" for m in ("dw.2", "pw.1") for s in ("running_mean", "running_var"))
     inits = {i.name for i in model.graph.initializer}
     assert set(meta["buffers"]) <= inits and set(meta["trainable"]) <= inits
+    assert meta.get("schedule", "constant") == RECIPES["last-block"].schedule  # a custom deep choice's recipe
+
+
+def test_the_recipes_schedule_travels_to_the_device_model(tmp_path):
+    """export writes the recipe's schedule (or the one given) into the graph; convert carries it into the
+    `.tod`, where net_runner reads it (`TrainSession.schedule`); `constant` is the absent key."""
+    from edgetune.convert import convert
+    from edgetune.runtime.format import load_file
+
+    net = TransferNet(TinyBackbone(), default_head(6, 3, seed=1))
+    shown = {}
+    for name, trainable, schedule in [("head", "head", None), ("deep", "backbone.fc", None),
+                                      ("step", "backbone.fc", "step"), ("flat", "backbone.fc", "constant")]:
+        onnx_path = export(net, trainable, input_shape=(3, 10, 10), preprocessing=PRE, batch_size=4,
+                           path=tmp_path / f"{name}.onnx", schedule=schedule)
+        want = schedule or select(net, trainable).recipe.schedule
+        assert _meta(onnx.load(onnx_path)).get("schedule", "constant") == want
+        shown[name] = load_file(convert(onnx_path, tmp_path / name)).meta.get("schedule", "constant")
+    assert shown == {"head": RECIPES["head"].schedule, "deep": RECIPES["last-block"].schedule,
+                     "step": "step", "flat": "constant"}
+    assert "schedule" not in _meta(onnx.load(tmp_path / "head.onnx"))  # the seed's graph is as it was
+    with pytest.raises(UserError, match="unknown schedule 'linear'"):
+        export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", schedule="linear")
+    model = onnx.load(tmp_path / "deep.onnx")  # a graph edited by hand: refused at convert, nothing written
+    entry = next(p for p in model.metadata_props if p.key == "edgetune")
+    entry.value = json.dumps({**json.loads(entry.value), "schedule": "linear"})
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(UserError, match="unknown schedule 'linear'"):
+        convert(tmp_path / "bad.onnx", tmp_path / "bad")
+    assert not (tmp_path / "bad.tod").exists()
 
 
 def test_cleaned_graph_computes_what_torch_computes(tiny_export):

@@ -230,6 +230,28 @@ def test_keep_best_schedule_and_decay_from_the_command_line(capsys, model, mini_
         assert trained.step == 60 and tests[-1][1] == best
 
 
+def test_the_models_schedule_is_the_default_and_the_flag_overrides_it(capsys, model, mini_fashion_dir,
+                                                                      feature_cache, tmp_path) -> None:
+    """A model whose recipe carries `schedule: cosine` anneals over the run with no option given;
+    `--schedule constant` keeps the rate; a model without the key (the seed's) keeps it too."""
+    from edgetune.runtime import format as tod_format
+    from edgetune.runtime.callbacks import CosineLR
+
+    tod = tod_format.load_file(model)
+    base = tod.meta["optimizer"]["lr"]
+    tod.meta["schedule"] = "cosine"
+    cosine = Path(tod_format.save_file(tod, tmp_path / "cosine.tod"))
+
+    def rates(path: Path, *options: str) -> list[float]:
+        log = tmp_path / f"{path.stem}{len(options)}.jsonl"
+        run(capsys, path, mini_fashion_dir, feature_cache, "-c", "12", "-q", "--log", os.fspath(log), *options)
+        return [e["lr"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
+
+    assert rates(cosine) == pytest.approx([CosineLR(12).rate(s, base) for s in range(1, 13)])
+    assert rates(cosine, "--schedule", "constant") == [base] * 12
+    assert rates(model) == [base] * 12
+
+
 def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, mini_fashion_dir, feature_cache,
                                                               tmp_path) -> None:
     """--auto: the search table, then the seed's lines for the chosen step count; deterministic per seed."""

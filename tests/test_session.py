@@ -173,6 +173,7 @@ def test_damaged_or_incomplete_models_raise_tod_errors(tiny_tod, tmp_path) -> No
     (lambda t: t.meta["frozen"].update(output="feats"), "no input 'data' / output 'feats'"),
     (lambda t: t.blobs.update({"frozen.onnx": b"not onnx"}), "not a valid ONNX model"),
     (lambda t: t.meta["optimizer"].update(name="lamb"), "unknown optimizer 'lamb'"),
+    (lambda t: t.meta.update(schedule="linear"), "schedule must be one of constant, cosine, step, got 'linear'"),
     # consistent meta (preprocessing, input) but the graph's fixed image dims say 8x8
     (lambda t: (t.meta["input"].update(shape=[4, 3, 9, 9]), t.meta["preprocessing"].update(size=[9, 9])),
      r"graph takes \['N', 3, 8, 8\] \(element type 1\), the meta's images are float32 \[N, 3, 9, 9\]"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgetune.convert.spec import OPTIMIZERS, SGD, Adam, Algorithm
 from edgetune.errors import UserError
+from edgetune.runtime.meta import SCHEDULES
 
 # optimizer settings with a command-line option; each applies to the optimizers that have that setting
 SETTING_OPTIONS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps")
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the head always trains); each choice brings its default optimizer and rates")
     parser.add_argument("--backbone-lr-scale", type=float, metavar="X",
                         help="learning-rate factor of the backbone parameters that train (default: the recipe's)")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="learning-rate schedule net_runner follows over a run unless told otherwise "
+                             "(default: the recipe's: cosine for last-block and backbone module names, constant otherwise)")
     add_training_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
                         help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
@@ -113,9 +117,10 @@ def run(args: argparse.Namespace) -> int:
     selection = select(net, args.trainable)
     optimizer = optimizer_from(args, selection.recipe.optimizer)
     path = export(net, args.trainable, optimizer=optimizer, batch_size=args.batch_size, class_names=names,
-                  path=args.output, backbone_lr_scale=args.backbone_lr_scale)
+                  path=args.output, backbone_lr_scale=args.backbone_lr_scale, schedule=args.schedule)
     params = dict(net.named_parameters())
     weights = sum(params[n].numel() for n in selection.params)
     print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, trainable {selection.choice}: "
-          f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, batch {args.batch_size})")
+          f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, "
+          f"{args.schedule or selection.recipe.schedule} schedule, batch {args.batch_size})")
     return 0

@@ -21,8 +21,9 @@ from pathlib import Path
 from edgetune.cli.errors import run_guarded
 from edgetune.data.progress import Progress
 from edgetune.errors import UserError
-from edgetune.runtime.callbacks import SCHEDULES, Callback, make_schedule
+from edgetune.runtime.callbacks import Callback, make_schedule
 from edgetune.runtime.frozen import DEFAULT_CACHE_BUDGET
+from edgetune.runtime.meta import SCHEDULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: the one stored in the model)")
     parser.add_argument("--weight-decay", type=float, metavar="WD",
                         help="weight decay, PyTorch's semantics for the model's optimizer (default: the model's)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                        help="learning-rate schedule over this run: constant (default, the seed's), cosine to 0, "
-                             "or step (x0.1 at each third)")
+    parser.add_argument("--schedule", choices=SCHEDULES,
+                        help="learning-rate schedule over this run: constant, cosine to 0, or step (x0.1 at each "
+                             "third); default: the model's recipe (the seed's head: constant)")
     parser.add_argument("--warmup", type=int, default=0, metavar="N",
                         help="raise the learning rate linearly over the first N steps (default 0)")
     parser.add_argument("--auto", action="store_true",
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"data size: {_sample_bytes(session)}\nbatch size: {session.batch_size}", flush=True)
     history = History()
     callbacks = _callbacks(args, history)
-    schedule = make_schedule(args.schedule, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
+    name = session.schedule if args.schedule is None else args.schedule
+    schedule = make_schedule(name, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
     if schedule is not None:
         callbacks.insert(0, schedule)  # the rate is set before anything reads it
     trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,

@@ -37,6 +37,7 @@ from edgetune.errors import UserError
 from edgetune.host.net import TransferNet
 from edgetune.host.trainable import HEAD, Selection, select
 from edgetune.runtime.atomic import write_atomic
+from edgetune.runtime.meta import check_schedule
 
 INPUT_NAME, OUTPUT_NAME, LABEL_NAME = "data", "logits", "label"
 
@@ -45,7 +46,7 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
            optimizer: Algorithm | None = None, batch_size: int = 32, input_shape: Sequence[int] = (3, 224, 224),
            class_names: Sequence[str] | None = None, preprocessing: dict[str, Any] | None = None,
            path: str | os.PathLike = "transfer_learning_tod.onnx", backbone_name: str | None = None,
-           backbone_lr_scale: float | None = None) -> str:
+           backbone_lr_scale: float | None = None, schedule: str | None = None) -> str:
     """Export `net` as an ONNX training graph (forward graph + training metadata), atomically.
 
     Args:
@@ -58,6 +59,9 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
             (`RECIPES`; the head's is the seed's SGD).
         backbone_lr_scale: the learning-rate factor of the pretrained parameters that train
             (written as `param_groups`); default: the choice's recipe.
+        schedule: the learning-rate schedule `net_runner` follows over a run unless told otherwise
+            (`constant`, `cosine`, `step`; written as `schedule` when not constant); default: the
+            choice's recipe.
         batch_size: the training batch size (the frozen part still runs any batch size).
         input_shape: `(C, H, W)` of one image.
         class_names: one name per output class; default `"0"`, `"1"`, ...
@@ -81,6 +85,7 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
     lr_scale = recipe.backbone_lr_scale if backbone_lr_scale is None else backbone_lr_scale
     if not lr_scale > 0:
         raise UserError(f"backbone learning-rate scale must be > 0, got {lr_scale}")
+    schedule = check_schedule(recipe.schedule if schedule is None else schedule)
     check_loss(loss)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -113,6 +118,8 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
                       "encoding": "one-hot"},
             "preprocessing": preprocessing,
         }
+        if schedule != "constant":  # absent means constant: the seed's files stay as they were
+            meta["schedule"] = schedule
         if selection.backbone:
             meta["trainable_choice"] = selection.choice
             meta["param_groups"] = selection.param_groups(lr_scale)

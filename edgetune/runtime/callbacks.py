@@ -6,7 +6,8 @@ seed's net_runner output is `LossMonitor` + `AccuracyMonitor`, line for line (`%
 iostream's default float format, 6 significant digits). A learning-rate schedule is a callback that
 sets the rate for the next step through the session's public setter.
 
-This module imports nothing else of the runtime, so the trainer can import it without a cycle.
+This module imports nothing else of the runtime but `meta` (which schedule names a model may carry),
+so the trainer can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from edgetune.errors import UserError
+from edgetune.runtime.meta import check_schedule
 
 if TYPE_CHECKING:  # annotations only; session.py imports no callback
     from edgetune.runtime.session import TrainSession
@@ -150,9 +152,6 @@ class Warmup(_Schedule):
         return self.then.rate(step, base) if self.then is not None else base
 
 
-SCHEDULES = ("constant", "cosine", "step")
-
-
 def make_schedule(name: str, total_steps: int, warmup: int = 0) -> _Schedule | None:
     """The schedule `--schedule NAME --warmup N` asks for, over a run ending at model step `total_steps`.
 
@@ -162,8 +161,7 @@ def make_schedule(name: str, total_steps: int, warmup: int = 0) -> _Schedule | N
     Raises:
         UserError: an unknown name, or a warm-up that is negative or not shorter than the run.
     """
-    if name not in SCHEDULES:
-        raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    check_schedule(name)
     if warmup < 0 or (warmup and warmup >= total_steps):
         raise UserError(f"--warmup must be >= 0 and shorter than the run ({total_steps} steps), got {warmup}")
     total = max(int(total_steps), 1)

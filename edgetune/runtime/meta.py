@@ -23,6 +23,7 @@ from edgetune.runtime.normalize import check_preprocessing
 REQUIRED = ("frozen", "head", "trainable", "optimizer", "num_classes", "class_names", "batch_size",
             "input", "label", "preprocessing")
 RNG_STATES = ("rng_state", "dropout_rng_state")
+SCHEDULES = ("constant", "cosine", "step")  # `meta.schedule`: what a recipe may ask of a run (callbacks.py)
 
 
 class ModelError(HeaderError):
@@ -89,10 +90,19 @@ def check_meta(meta: dict[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
             raise ModelError(f"trainable parameter {name!r} has no tensor param/{name}")
         if t.dtype != np.float32:
             raise ModelError(f"parameter {name} is {t.dtype}, not float32")
+    if meta.get("schedule", "constant") not in SCHEDULES:
+        raise ModelError(f"schedule must be one of {', '.join(SCHEDULES)}, got {meta['schedule']!r:.80}")
     step = meta.get("optimizer_step", 0)
     if type(step) is not int or step < 0:
         raise ModelError(f"optimizer_step must be an integer >= 0, got {step!r}")
     _check_record(meta.setdefault("training", {}))
+
+
+def check_schedule(name: object) -> str:
+    """`name` if it is one of `SCHEDULES`; else a UserError listing them."""
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    return name
 
 
 def _count(value: Any, what: str) -> int:

@@ -200,6 +200,11 @@ class TrainSession:
         self.optimizer.lr = float(lr)
 
     @property
+    def schedule(self) -> str:
+        """The learning-rate schedule the model's recipe asks for over a run (`meta.schedule`; `constant` when absent)."""
+        return self._meta.get("schedule", "constant")
+
+    @property
     def weight_decay(self) -> float:
         """The optimizer's weight decay (PyTorch semantics per optimizer); settable between steps, saved with the model."""
         return float(self.optimizer.algorithm.weight_decay)
