@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, help="keep the feature cache on disk here (reused across runs)")
     parser.add_argument("--cache-budget", type=float, metavar="MB", default=DEFAULT_CACHE_BUDGET / (1 << 20),
                         help="without --cache-dir: MiB of features held in memory; past it the cache moves to "
-                             "memory-mapped files in a temporary folder (default %(default)g; 0 = at once)")
+                             "files in a temporary folder (default %(default)g; 0 = at once)")
     parser.add_argument("--log", type=Path, help="write one JSON line per step and per evaluation")
     parser.add_argument("--plot", type=Path, help="save loss and accuracy curves (PNG; needs matplotlib)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-step lines and no progress bar")

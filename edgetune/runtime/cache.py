@@ -6,9 +6,8 @@ the first two and a per-sample key (the image file's sha256, or the sha256 of th
 a stale entry cannot be found: a different model or preprocessing is a different namespace.
 
 On disk (`directory` given) new rows are buffered and written `segment_rows` at a time (and on
-`flush()`) as one segment: `<id>.f32` (rows of float32, memory-mapped once written) and `<id>.json`
-(the keys, shape and the data's sha256). Rows not yet flushed when the process dies are simply
-computed again next time.
+`flush()`) as one segment: `<id>.f32` (rows of float32) and `<id>.json` (the keys, shape and the
+data's sha256). Rows not yet flushed when the process dies are simply computed again next time.
 The index is written atomically *after* the data is on disk, and a segment whose data does not
 match its index is ignored, so a crash or a torn file can never feed wrong features to training.
 A segment that cannot be read at all (no permission, an I/O error) is ignored too, and the warning
@@ -17,22 +16,27 @@ says that, not "damaged": its rows are computed again.
 In memory (no `directory`), a `budget` bounds the bytes of rows held: the put that would exceed it
 moves every row to disk (`spill`), into segments written the same crash-safe way, in `spill_dir`
 or else a private temporary folder removed with the cache. Training reads the same float32 values
-either way. A mapped segment's pages count in the process's resident memory once read; `release`
-drops them from this process (they stay in the kernel's page cache): `get_many` calls it every
-`RELEASE_BYTES` of rows read and the Trainer after every pass over a split, so a large cache on
-disk does not creep back into RSS.
+either way.
+
+Rows on disk are read with plain positional reads, not memory-mapped: where the kernel keeps file
+pages in large folios (Linux 6.x on ext4, xfs), touching one mapped 37.6 KB row maps up to a
+megabyte around it into the process (32 random rows of a 200 MB segment file: 44.8 MB of resident
+memory, against 1.2 MB read), so a mapped cache on disk crept back into RSS batch by batch. A read
+copies exactly the row's bytes; the pages stay in the kernel's page cache, outside the process. A
+segment that shrinks or vanishes after it was checked (another process) is a read that comes up
+short: the segment is dropped with one warning and its rows are computed again, never a SIGBUS.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import sys
 import tempfile
 import weakref
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,7 +47,7 @@ from edgetune.runtime.safe_read import UnsafeFile, open_regular, read_file
 
 
 class FeatureCache:
-    """Rows of features by sample key, in memory or memory-mapped segments on disk.
+    """Rows of features by sample key, in memory or in segment files on disk.
 
     Args:
         namespace: hex digest identifying the frozen model and preprocessing (see `namespace_for`).
@@ -59,7 +63,6 @@ class FeatureCache:
     """
 
     SEGMENT_BYTES = 8 << 20
-    RELEASE_BYTES = 8 << 20
 
     def __init__(self, namespace: str, directory: str | os.PathLike | None = None, width: int | None = None,
                  segment_rows: int = 256, budget: int | None = None,
@@ -68,10 +71,10 @@ class FeatureCache:
         self.budget, self.spill_dir = budget, spill_dir
         self._pending: list[tuple[str, np.ndarray]] = []
         self.directory = os.path.join(os.fspath(directory), namespace) if directory is not None else None
-        self._rows: dict[str, np.ndarray] = {}
+        self._rows: dict[str, np.ndarray] = {}  # in memory: every row; on disk: the rows not written yet
+        self._disk: dict[str, tuple[int, int]] = {}  # key -> (segment number, row in it)
+        self._segments: list[tuple[str, tuple[int, int], tuple[int, int]]] = []  # data file, shape, (dev, inode)
         self._memory_bytes = 0  # rows held in memory (in-memory mode)
-        self._maps: list[mmap.mmap] = []  # every mapped segment, for `release`
-        self._read_bytes = 0  # mapped rows handed out since the last `release`
         self.spilled = False
         self.rejected: list[str] = []  # segments ignored: damaged, or unreadable (the warning says which)
         if self.directory is not None:
@@ -79,36 +82,86 @@ class FeatureCache:
             self._load_segments()
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + len(self._disk)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._rows
+        return key in self._rows or key in self._disk
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
         """The cached row of each key, or None where there is none.
 
-        On disk, every `RELEASE_BYTES` of rows handed out the mapped pages are dropped from this
-        process (`release`): the caller copies what it keeps (the Trainer stacks each batch).
+        Rows on disk are read into a new array (the caller may keep them); a segment that can no
+        longer be read as it was checked gives None for its rows (they are computed again).
         """
         rows = [self._rows.get(k) for k in keys]
-        if self._maps:
-            self._read_bytes += sum(r.nbytes for r in rows if r is not None)
-            if self._read_bytes >= self.RELEASE_BYTES:
-                self.release()
+        wanted: dict[int, list[tuple[int, int]]] = defaultdict(list)  # segment -> (row, position in keys)
+        for i, k in enumerate(keys):
+            if rows[i] is None and k in self._disk:
+                seg, row = self._disk[k]
+                wanted[seg].append((row, i))
+        for seg, items in wanted.items():
+            for (_, i), row in zip(items, self._read(seg, [r for r, _ in items])):
+                rows[i] = row
         return rows
+
+    def _read(self, seg: int, rows: list[int], recheck: bool = True) -> list[np.ndarray | None]:
+        """Rows of one segment, read from its file in file order; all None if it no longer reads as checked."""
+        path, shape, identity = self._segments[seg]
+        out = np.empty((len(rows), shape[1]), dtype=np.float32)
+        row_bytes, size = out[0].nbytes, shape[0] * out[0].nbytes
+        try:
+            with open_regular(path, max_bytes=size, root=self.directory) as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != identity:
+                    if not (recheck and self._recheck(seg)):
+                        raise DamagedSegment("another file took its place")
+                    return self._read(seg, rows, recheck=False)
+                if st.st_size != size:
+                    raise DamagedSegment(f"data file now has {st.st_size} bytes, not {size}")
+                for j in sorted(range(len(rows)), key=rows.__getitem__):
+                    f.seek(rows[j] * row_bytes)
+                    if f.readinto(memoryview(out[j]).cast("B")) != row_bytes:
+                        raise DamagedSegment("a row read came up short")
+        except (DamagedSegment, OSError) as e:  # UnsafeFile is an OSError
+            self._drop(seg, f"{e.reason if isinstance(e, UnsafeFile) else e}")
+            return [None] * len(rows)
+        return list(out)
+
+    def _recheck(self, seg: int) -> bool:
+        """A segment file replaced since it was checked (another process wrote the same segment, which
+        edgetune does by rename): check the new file, and read it if it holds the same keys and shape."""
+        path, shape, _ = self._segments[seg]
+        try:
+            keys, again, identity = _verified_segment(path[:-len(".f32")], self.width)
+        except DamagedSegment:
+            return False
+        if again != shape or any(keys[r] != k for k, (s, r) in self._disk.items() if s == seg):
+            return False
+        self._segments[seg] = (path, shape, identity)
+        return True
+
+    def _drop(self, seg: int, why: str) -> None:
+        """Forget a segment that changed after it was checked: its rows become misses."""
+        path = self._segments[seg][0]
+        self.rejected.append(path[:-len(".f32")])
+        self._disk = {k: v for k, v in self._disk.items() if v[0] != seg}
+        print(f"feature cache: segment {path} can no longer be read ({why}); its rows are computed again",
+              file=sys.stderr)
 
     def put_many(self, keys: Sequence[str], rows: np.ndarray) -> None:
         """Store rows (one per key, float32): usable at once, on disk once `segment_rows` are buffered."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[0] != len(keys) or (self.width is not None and rows.shape[1] != self.width):
             raise ValueError(f"expected {len(keys)} rows of {self.width or 'N'} features, got shape {rows.shape}")
-        new = [i for i, k in enumerate(keys) if k not in self._rows]
+        new = [i for i, k in enumerate(keys) if k not in self]
         if not new:
             return
         if (self.directory is None and self.budget is not None
                 and self._memory_bytes + len(new) * rows[0].nbytes > self.budget):
             self.spill()
         for i in new:
+            if keys[i] in self._rows:  # the same key twice in one call
+                continue
             row = rows[i].copy()
             self._rows[keys[i]] = row
             if self.directory is not None:
@@ -135,50 +188,40 @@ class FeatureCache:
         os.makedirs(self.directory, exist_ok=True)
         held, self._rows = self._rows, {}
         self._load_segments()  # a spill folder may already hold some of this namespace's rows
-        held = [(k, row) for k, row in held.items() if k not in self._rows]
+        held = [(k, row) for k, row in held.items() if k not in self._disk]
         self._rows.update(held)
         step = self._segment_limit(held[0][1].nbytes) if held else 1
-        for start in range(0, len(held), step):
-            self._pending = held[start:start + step]
-            self.flush()  # each batch of rows is replaced by its mapped copy as it is written
+        while held:  # each batch of rows leaves memory as it is written
+            self._pending, held = held[:step], held[step:]
+            self.flush()
         self._memory_bytes, self.spilled = 0, True
-
-    def release(self) -> None:
-        """Drop the mapped segments' pages from this process's resident memory (they are read again
-        from the page cache or the file when next touched). A no-op for rows held in memory."""
-        self._read_bytes = 0
-        for m in self._maps:
-            try:
-                m.madvise(mmap.MADV_DONTNEED)
-            except (AttributeError, OSError, ValueError):  # no madvise on this platform: nothing to do
-                return
 
     def flush(self) -> None:
         """Write the buffered rows as one crash-safe segment (no-op in memory or with nothing buffered)."""
         if not self._pending:
             return
         keys = [k for k, _ in self._pending]
-        mapped = self._write_segment(keys, np.stack([r for _, r in self._pending]))
+        seg = self._write_segment(keys, [r for _, r in self._pending])
         self._pending = []
-        for k, row in zip(keys, mapped):  # the buffered copies are freed: rows now live in the file
-            self._rows[k] = row
+        for row, k in enumerate(keys):  # the buffered copies are freed: rows now live in the file
+            del self._rows[k]
+            self._disk[k] = (seg, row)
 
-    def _write_segment(self, keys: list[str], rows: np.ndarray) -> np.ndarray:
-        data = rows.tobytes()
-        digest = hashlib.sha256(data).hexdigest()
+    def _write_segment(self, keys: list[str], rows: list[np.ndarray]) -> int:
+        """Write rows as one segment, straight from the buffered arrays (no stacked copy of 8 MB)."""
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(row)
+        digest = digest.hexdigest()
         seg = hashlib.sha256(digest.encode() + "\n".join(keys).encode()).hexdigest()[:24]
         base = os.path.join(self.directory, seg)
-        write_atomic(base + ".f32", data)  # data first ...
-        index = {"version": 1, "keys": keys, "shape": list(rows.shape), "dtype": "float32", "sha256": digest}
+        write_atomic(base + ".f32", lambda f: [f.write(row) for row in rows])  # data first ...
+        shape = (len(rows), rows[0].size)
+        index = {"version": 1, "keys": keys, "shape": list(shape), "dtype": "float32", "sha256": digest}
         write_atomic(base + ".json", json.dumps(index).encode())  # ... then the index that vouches for it
-        with open(base + ".f32", "rb") as f:
-            return self._mapped(f, rows.shape)
-
-    def _mapped(self, f, shape: tuple[int, ...]) -> np.ndarray:
-        """Read-only rows mapped from an open segment file (the mapping outlives the descriptor)."""
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(m)
-        return np.frombuffer(m, dtype=np.float32).reshape(shape)
+        st = os.stat(base + ".f32")
+        self._segments.append((base + ".f32", shape, (st.st_dev, st.st_ino)))
+        return len(self._segments) - 1
 
     def _load_segments(self) -> None:
         for name in sorted(os.listdir(self.directory)):
@@ -186,7 +229,7 @@ class FeatureCache:
                 continue
             base = os.path.join(self.directory, name[:-5])
             try:
-                keys, rows = _verified_segment(base, self.width, self._mapped)
+                keys, shape, identity = _verified_segment(base, self.width)
             except DamagedSegment as e:
                 self.rejected.append(base)
                 print(f"feature cache: ignoring damaged segment {base}.json ({e})", file=sys.stderr)
@@ -196,21 +239,24 @@ class FeatureCache:
                 print(f"feature cache: cannot read segment {base}.json ({e.strerror or e}); ignoring it",
                       file=sys.stderr)
                 continue
-            for k, row in zip(keys, rows):
-                self._rows.setdefault(k, row)
+            self._segments.append((base + ".f32", shape, identity))
+            seg = len(self._segments) - 1
+            for row, k in enumerate(keys):
+                if k not in self:
+                    self._disk[k] = (seg, row)
 
 
 class DamagedSegment(Exception):
     """A cache segment whose index or data is not what a complete write leaves; the message says what."""
 
 
-def _verified_segment(base: str, width: int | None, mapped) -> tuple[list[str], np.ndarray]:
-    """The segment's keys and rows (memory-mapped), if its index parses and its data matches size and sha256.
+def _verified_segment(base: str, width: int | None) -> tuple[list[str], tuple[int, int], tuple[int, int]]:
+    """The segment's keys, shape and file identity, if its index parses and its data matches size and sha256.
 
     Both files are read by `safe_read` (regular files inside the cache folder, never blocking, the
-    index under a size cap), and the data is mapped from the very descriptor whose size was checked
-    against the index and whose bytes were hashed: a short file is refused before it is mapped,
-    so a truncated segment is ignored, never a SIGBUS when its missing rows are touched.
+    index under a size cap), and the data's size is checked against the index on the descriptor
+    whose bytes are hashed. The identity (device, inode) of that file is what later reads must
+    find again (`FeatureCache._read`): a file put in its place since is not read.
 
     Raises:
         DamagedSegment: the index is not valid JSON of the expected shape, a file is missing, not a
@@ -243,7 +289,8 @@ def _verified_segment(base: str, width: int | None, mapped) -> tuple[list[str], 
                 h.update(chunk)
             if h.hexdigest() != index.get("sha256"):
                 raise DamagedSegment("data does not match the index's sha256")
-            return keys, mapped(f, tuple(shape))
+            st = os.fstat(f.fileno())
+            return keys, (shape[0], shape[1]), (st.st_dev, st.st_ino)
     except FileNotFoundError:
         raise DamagedSegment("data file missing") from None
     except UnsafeFile as e:

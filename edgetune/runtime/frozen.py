@@ -42,13 +42,13 @@ class Context:
             another. Training results differ in float32 rounding between counts, never between runs.
         cache: reuse each sample's frozen features (exact: the backbone is deterministic). Turn it
             off when inputs change between epochs (augmentation) or to measure the uncached speed.
-        cache_dir: keep the cache in memory-mapped files under this directory (large sets, and
+        cache_dir: keep the cache in segment files under this directory (large sets, and
             reuse across runs); None keeps it in memory.
         feature_batch: at most this many images go through the frozen graph at once; bounds the
             activation memory (Lite0, 1 thread, measured run peak: +140 MB at 16 images, +80 MB
             at 8, +67 MB at 4) at no cost in speed. Features do not depend on it (bit-identical).
         cache_budget: bytes of features the cache may hold in memory (without `cache_dir`); past
-            it every row goes to memory-mapped segments in a temporary folder (`FeatureCache.spill`),
+            it every row goes to segment files in a temporary folder (`FeatureCache.spill`),
             with identical training. None: no limit. Default 32 MiB: 8k Lite0 images (4 KB each),
             what fits beside the runtime's ~190 MB in a 250 MB budget.
         prefetch: batches of `feature_batch` images decoded ahead by a producer thread while the

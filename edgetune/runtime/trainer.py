@@ -244,10 +244,9 @@ class Trainer:
         self._flush_cache()
 
     def _flush_cache(self) -> None:
-        """After a pass: persist the disk cache's buffered rows, and drop its mapped pages from RSS."""
+        """After a pass: persist the disk cache's buffered rows."""
         if self.session.ctx.cache:
             self.session.feature_cache.flush()
-            self.session.feature_cache.release()
 
     def _chunks(self, split: Split, what: str, size: int = 64) -> Iterator[np.ndarray]:
         n = len(split)
