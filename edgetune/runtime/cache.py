@@ -19,8 +19,8 @@ or else a private temporary folder removed with the cache. Training reads the sa
 either way.
 
 Rows on disk are read with plain positional reads, not memory-mapped: where the kernel keeps file
-pages in large folios (Linux 6.x on ext4, xfs), touching one mapped 37.6 KB row maps up to a
-megabyte around it into the process (32 random rows of a 200 MB segment file: 44.8 MB of resident
+pages in large folios, touching one mapped 37.6 KB row maps up to a megabyte around it into the
+process (measured on Linux 6.18, ext4: 32 random rows of a 200 MB file mapped 44.8 MB of resident
 memory, against 1.2 MB read), so a mapped cache on disk crept back into RSS batch by batch. A read
 copies exactly the row's bytes; the pages stay in the kernel's page cache, outside the process. A
 segment that shrinks or vanishes after it was checked (another process) is a read that comes up
