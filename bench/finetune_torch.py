@@ -38,6 +38,7 @@ from torch import nn
 from edgetune.convert.spec import SGD, Adam
 from edgetune.host import create_backbone, default_head
 from edgetune.host.trainable import RECIPES, Recipe
+from edgetune.runtime.callbacks import make_schedule
 from edgetune.runtime.dataset import load_dataset
 
 BATCH = 32
@@ -248,7 +249,12 @@ def finetune(choice: str, feats: Features, num_classes: int, recipe: Recipe, epo
     per_epoch = -(-len(x) // BATCH)
     res = Result(choice, label or recipe.describe(), epochs, bytes_per_image=feats.bytes_per_image())
     times = []
+    schedule = make_schedule(recipe.schedule, epochs * per_epoch)  # over the run, as net_runner follows it
+    bases = [g["lr"] for g in opt.param_groups]
     for i, idx in enumerate(batch_order(len(x), BATCH, epochs * per_epoch, seed), 1):
+        if schedule is not None:
+            for g, base in zip(opt.param_groups, bases):
+                g["lr"] = schedule.rate(i - 1, base)
         t0 = time.perf_counter()
         t = torch.from_numpy(idx)
         loss = nn.functional.cross_entropy(tail(x[t]), y[t])

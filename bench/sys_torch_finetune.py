@@ -22,6 +22,8 @@ import torch_cached
 import torch_model
 from finetune_torch import FIRST_BLOCK, Prefix, Tail
 
+from edgetune.runtime.callbacks import make_schedule
+
 EXTRACT_BATCH = 32
 
 
@@ -80,7 +82,9 @@ def main() -> None:
     def state() -> dict:
         return {"tail": {n: p for n, p in tail.named_parameters() if p.requires_grad}, "optimizer": opt.state_dict()}
 
-    torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=False)
+    schedule = make_schedule(meta.get("schedule", "constant"), args.steps)  # as net_runner follows the model's
+    torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=False,
+                       schedule=schedule.rate if schedule is not None else None)
 
 if __name__ == "__main__":
     main()

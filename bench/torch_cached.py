@@ -57,12 +57,14 @@ def train_head(args: argparse.Namespace, meta: dict, params: dict[str, np.ndarra
 
 def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, cached: dict[str, torch.Tensor],
           splits: tuple[common.Split, ...], batch_size: int, state: Callable[[], dict],
-          train_mode: bool = True) -> None:
+          train_mode: bool = True, schedule: Callable[[int, float], float] | None = None) -> None:
     """The seed's loop over cached features: steps in the Trainer's order, its log lines, test accuracy
     every ``args.test_every`` steps, a checkpoint (``state()``) every ``args.save_every``, validation at the end.
 
     ``train_mode=False`` keeps ``model`` in eval mode while it trains (a pretrained tail whose
     BatchNorm statistics stay frozen); otherwise it trains in train mode and evaluates in eval mode.
+    ``schedule(step, base)``: each group's rate for the step after ``step`` steps (the model's
+    `meta.schedule` as net_runner follows it, `make_schedule(...).rate`); None keeps the rates.
     """
     labels = {s.name: torch.from_numpy(s.labels) for s in splits}
     train_split = next(s for s in splits if s.name == "train")
@@ -77,7 +79,11 @@ def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer
         torch.save(state(), os.path.join(args.out, name))
 
     log = common.SeedLog()
+    bases = [g["lr"] for g in opt.param_groups]
     for i, idx in enumerate(common.batch_order(len(train_split), batch_size, args.steps, args.seed), 1):
+        if schedule is not None:
+            for g, base in zip(opt.param_groups, bases):
+                g["lr"] = schedule(i - 1, base)
         model.train(train_mode)
         t = torch.from_numpy(idx)
         loss = nn.functional.cross_entropy(model(cached["train"][t]), labels["train"][t])
