@@ -87,10 +87,10 @@ def descendants(pid: int) -> dict[int, str]:
         if d.isdigit():
             try:
                 stat = Path(f"/proc/{d}/stat").read_bytes().rsplit(b")", 1)[1].split()
-                parents[int(d)] = int(stat[1])
-                cmd[int(d)] = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                line = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (OSError, IndexError):
-                continue
+                continue  # exited while being read: both facts or neither
+            parents[int(d)], cmd[int(d)] = int(stat[1]), line
     found, frontier = {}, {pid}
     while frontier:
         frontier = {p for p, parent in parents.items() if parent in frontier and p not in found}
