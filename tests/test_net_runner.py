@@ -248,8 +248,18 @@ def test_the_models_schedule_is_the_default_and_the_flag_overrides_it(capsys, mo
         return [e["lr"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
 
     assert rates(cosine) == pytest.approx([CosineLR(12).rate(s, base) for s in range(1, 13)])
+    annealed = Path(shutil.copy(tmp_path / "cosine_trained.tod", tmp_path / "annealed.tod"))
+    assert tod_format.load_file(annealed).meta["optimizer"]["lr"] == pytest.approx(0, abs=1e-12)  # the cosine's end
     assert rates(cosine, "--schedule", "constant") == [base] * 12
     assert rates(model) == [base] * 12
+    # continuing the annealed model: constant trains at the cosine's base rate, not at its last (0)
+    continued = Path(shutil.copy(annealed, tmp_path / "continued.tod"))
+    assert rates(continued, "--schedule", "constant") == [base] * 12
+    # --lr is the base of the schedule that follows (the old run's base is dropped), also on resume
+    again = Path(shutil.copy(annealed, tmp_path / "again.tod"))
+    assert rates(again, "--lr", "0.5") == pytest.approx([CosineLR(24).rate(s, 0.5) for s in range(13, 25)])
+    resumed = Path(shutil.copy(tmp_path / "again_trained.tod", tmp_path / "resumed.tod"))
+    assert rates(resumed) == pytest.approx([CosineLR(36).rate(s, 0.5) for s in range(25, 37)])
 
 
 def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, mini_fashion_dir, feature_cache,

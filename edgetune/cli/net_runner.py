@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-every", type=int, default=20, help="test accuracy every N steps (default 20)")
     parser.add_argument("--target-accuracy", type=float, default=0.9,
                         help="stop once the test accuracy exceeds this (default 0.9)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the one stored in the model)")
+    parser.add_argument("--lr", type=float, help="learning rate, the base a schedule scales (default: the model's; "
+                                                 "after a schedule, --schedule constant trains at its base rate)")
     parser.add_argument("--weight-decay", type=float, metavar="WD",
                         help="weight decay, PyTorch's semantics for the model's optimizer (default: the model's)")
     parser.add_argument("--schedule", choices=SCHEDULES,
@@ -101,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
     for split in (data.validation, *((data.train, data.test) if args.cycles > 0 else ())):
         if len(split) == 0:
             raise UserError(f"{args.data}: the {split.name} split is empty (each class needs at least 5 images)")
-    if args.lr is not None:
-        session.learning_rate = args.lr
     if args.weight_decay is not None:
         session.weight_decay = args.weight_decay
     if args.verbose:
@@ -110,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     history = History()
     callbacks = _callbacks(args, history)
     name = session.schedule if args.schedule is None else args.schedule
+    if args.lr is not None or (name == "constant" and args.cycles and not args.auto):
+        session.restart_learning_rate(args.lr)  # --lr is the base of any schedule; constant after a cosine: its base
     schedule = make_schedule(name, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
     if schedule is not None:
         callbacks.insert(0, schedule)  # the rate is set before anything reads it

@@ -271,6 +271,18 @@ class TrainSession:
         """The rate schedules scale: the learning rate when the first schedule began, kept for resume."""
         return float(self._meta["training"].setdefault("base_lr", self.learning_rate))
 
+    def restart_learning_rate(self, lr: float | None = None) -> None:
+        """Start training again from a rate: `lr`, or the base rate a schedule left (a cosine ends near 0).
+
+        With `lr`, the saved base is dropped too, so a schedule that follows scales the new rate
+        instead of the old run's. Without, nothing changes unless an earlier schedule left a base.
+        """
+        if lr is not None:
+            self.learning_rate = lr
+            self._meta["training"].pop("base_lr", None)
+        elif "base_lr" in self._meta["training"]:
+            self.learning_rate = self.base_learning_rate()
+
     # --- modes ------------------------------------------------------------------------------
     def train(self) -> TrainSession:
         """Train mode: dropout on, `run_graph`/`run_head` take an optimizer step."""
