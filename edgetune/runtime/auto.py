@@ -38,7 +38,8 @@ directions the features barely span, a component that only weight decay shrinks,
 from the regularized optimum. bench/zero_start.py measures it on three Fashion-MNIST sets disjoint
 from every reported one (bench/RESULTS.md): at weak decay the head ends further under the logistic
 regression at the same C from a random start than from zero. A model that has trained (step > 0)
-continues from its weights.
+continues from its weights, and its cosine starts at its step from the candidate's rate (not from the
+base rate or the curve of the run that trained it).
 
 The budget bounds the search's wall time: no candidate starts once it is spent (the first always
 runs), and rows of candidates not run say so. The plan is sized to fit the default budget with room
@@ -91,7 +92,7 @@ class Recipe:
     Attributes:
         lr: the base learning rate (the cosine starts there).
         weight_decay: PyTorch-style weight decay of the model's optimizer.
-        steps: how many steps to train, the cosine's horizon (`CosineLR(steps)`).
+        steps: how many steps to train, the cosine's horizon (`CosineLR(steps, start=<model step>)`).
         test_accuracy: the test accuracy the search measured after `steps`.
         test_loss: the mean test cross-entropy there.
         zero_classifier: start from a zero classifier (`prepare`): a fresh model's recipe does.
@@ -201,7 +202,6 @@ def recipe_session(model: tod_format.TodFile, lr: float, weight_decay: float, ct
     check_number("weight decay", weight_decay, positive=False)
     meta = copy.deepcopy(model.meta)
     meta["optimizer"] = {**meta["optimizer"], "lr": float(lr), "weight_decay": float(weight_decay)}
-    meta["training"].pop("base_lr", None)  # a schedule of an earlier run would override this rate (CosineLR)
     tensors = {name: np.array(t, copy=True) for name, t in model.tensors.items()}  # a session trains its arrays in place
     session = TrainSession(tod_format.TodFile(meta=meta, tensors=tensors, blobs=model.blobs, version=model.version),
                            ctx or Context(), path)
@@ -214,7 +214,8 @@ def prepare(session: TrainSession, lr: float, weight_decay: float, zero_classifi
 
     net_runner --auto sets its own session with it, so the final run starts as the candidates did.
     """
-    session.learning_rate, session.weight_decay = lr, weight_decay
+    session.restart_learning_rate(lr)  # the base of the cosine that follows, not an earlier run's
+    session.weight_decay = weight_decay
     if zero_classifier:
         for name in classifier(session.head):
             session.params[name].data[...] = 0
@@ -341,7 +342,8 @@ def _run_candidate(model: tod_format.TodFile, features: _Features, stage: str, l
     candidate = recipe_session(model, lr, wd, Context(cache=True), zero_classifier=zero_classifier)
     candidate.feature_cache.put_many(features.train.keys, features.train_rows)  # the backbone already ran
     candidate.feature_cache.put_many(features.test.keys, features.test_rows)
-    trainer = Trainer(candidate, features.train, features.test, callbacks=[CosineLR(steps)], seed=seed,
+    trainer = Trainer(candidate, features.train, features.test, callbacks=[CosineLR(steps, start=candidate.step)],
+                      seed=seed,
                       test_every=0, target_accuracy=None)
     try:
         trainer.fit(steps)

@@ -125,15 +125,19 @@ class LinearLR(_Schedule):
 
 
 class CosineLR(_Schedule):
-    """Cosine annealing from the base rate to `min_lr` over `total_steps` (torch CosineAnnealingLR)."""
+    """Cosine annealing from the base rate to `min_lr` over `total_steps` (torch CosineAnnealingLR).
 
-    def __init__(self, total_steps: int, min_lr: float = 0.0) -> None:
+    The curve starts at model step `start` (0: a run's curve over model steps, which a resume
+    follows; a session's current step: a new curve for a run that continues a checkpoint).
+    """
+
+    def __init__(self, total_steps: int, min_lr: float = 0.0, start: int = 0) -> None:
         if int(total_steps) < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        self.total, self.min_lr = int(total_steps), float(min_lr)
+        self.total, self.min_lr, self.start = int(total_steps), float(min_lr), int(start)
 
     def rate(self, step: int, base: float) -> float:
-        t = min(step, self.total) / self.total
+        t = min(max(step - self.start, 0), self.total) / self.total
         return self.min_lr + (base - self.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
 
