@@ -8,9 +8,13 @@ line they print on stdout and, for every model file they write, the sha256 of ea
 them again and demands the same bytes: a restructuring must not change any result.
 
 Recorded with `python -m tests.test_golden_run` (see `main`) on the commit before the change.
-Exactness is defined on one onnxruntime build and CPU: the backbone's float32 output differs in
-the last bits across kernels, so the test first compares a digest of the frozen features and
-skips, saying so, where they differ (the head's numbers cannot be compared then).
+Exactness is defined on one onnxruntime build and one set of BLAS kernels: the backbone's float32
+output differs in the last bits across kernels, so the test first compares a digest of the frozen
+features and skips, saying so, where they differ (the head's numbers cannot be compared then).
+The head's matrix products go through numpy's OpenBLAS, which picks its kernels by CPU (Haswell's
+on AVX2, SkylakeX's on AVX-512: another summation order, other last bits). The runs are recorded
+and replayed in a child process with `OPENBLAS_CORETYPE=Haswell`, so any x86-64 CPU with AVX2
+reproduces the recording.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ import numpy as np
 import pytest
 
 GOLDEN = Path(__file__).with_name("golden_run.json")
+KERNELS = {"OPENBLAS_CORETYPE": "Haswell"}  # read when OpenBLAS loads: set for a child process, never here
 
 # an MLP head that uses every op of meta["head"] (dense with and without bias, relu, dropout, flatten, identity)
 MLP_HEAD = [{"op": "dense", "weight": "head.0.weight", "bias": "head.0.bias"}, {"op": "relu"},
@@ -118,6 +125,8 @@ def test_golden_run_is_reproduced_exactly(lite0_tod: Path, fashion_dir: Path, tm
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
     from edgetune.runtime import format as tod_format
 
+    if not haswell_kernels_run_here():
+        pytest.skip("the recording's BLAS kernels (OpenBLAS Haswell) need an x86-64 CPU with AVX2 and FMA")
     shutil.copy(lite0_tod, tmp_path / "probe.tod")
     digest = features_digest(tmp_path / "probe.tod", fashion_dir, tmp_path / "probe-cache")
     if digest != golden["features_sha256"]:
@@ -126,7 +135,11 @@ def test_golden_run_is_reproduced_exactly(lite0_tod: Path, fashion_dir: Path, tm
         pytest.skip(f"the backbone's features differ in their last bits from the recording's "
                     f"(onnxruntime {onnxruntime.__version__} here, {golden['environment']['onnxruntime']} "
                     f"there, or other CPU kernels): the head's numbers cannot be compared exactly")
-    got = golden_runs(lite0_tod, fashion_dir, tmp_path / "work")
+    replay = tmp_path / "replay.json"
+    subprocess.run([sys.executable, "-m", "tests.test_golden_run", "--model", os.fspath(lite0_tod), "--data",
+                    os.fspath(fashion_dir), "--work", os.fspath(tmp_path / "work"), "--replay", os.fspath(replay)],
+                   cwd=Path(__file__).parents[1], env={**os.environ, **KERNELS}, check=True, timeout=600)
+    got = json.loads(replay.read_text(encoding="utf-8"))
     assert tod_format.load_file(tmp_path / "work" / "seed.tod").meta["optimizer"]["name"] == "sgd"
     for want, have in zip(golden["runs"], got["runs"], strict=True):
         assert have["stdout"] == want["stdout"], f"{want['model']} {want['options']}"
@@ -134,17 +147,39 @@ def test_golden_run_is_reproduced_exactly(lite0_tod: Path, fashion_dir: Path, tm
     assert got["features_sha256"] == golden["features_sha256"]
 
 
+def haswell_kernels_run_here() -> bool:
+    """Whether this CPU runs OpenBLAS's Haswell kernels (x86-64 with AVX2 and FMA)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Record `golden_run.json`: `python -m tests.test_golden_run --model lite0.tod --data fm100`."""
+    """Record `golden_run.json`: `python -m tests.test_golden_run --model lite0.tod --data fm100 --work DIR
+    --commit SHA` (or, with `--replay OUT`, write the same record to OUT: what the test compares).
+
+    Runs itself again with the recording's BLAS kernels (`KERNELS`) when they are not set."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True, help="the seed's Lite0 .tod (as the lite0_tod fixture)")
     parser.add_argument("--data", type=Path, required=True, help="Fashion-MNIST, 100 per class (as fashion_dir)")
     parser.add_argument("--work", type=Path, required=True, help="an empty scratch folder")
-    parser.add_argument("--commit", required=True, help="the commit the recording was made on")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--commit", help="record: the commit the recording is made on")
+    what.add_argument("--replay", type=Path, help="replay: write the record here instead")
     args = parser.parse_args(argv)
+    if any(os.environ.get(k) != v for k, v in KERNELS.items()):
+        return subprocess.run([sys.executable, "-m", "tests.test_golden_run", *(sys.argv[1:] if argv is None else argv)],
+                              env={**os.environ, **KERNELS}, check=False).returncode
     import onnxruntime
 
     record = golden_runs(args.model, args.data, args.work)
+    if args.replay is not None:
+        args.replay.write_text(json.dumps(record), encoding="utf-8")
+        return 0
     record = {"recorded_on": args.commit, "environment": {"onnxruntime": onnxruntime.__version__,
                                                           "numpy": np.__version__}, **record}
     GOLDEN.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
