@@ -138,6 +138,23 @@ def test_a_device_round_is_reproducible_and_keeps_its_optimizer_state(tmp_path, 
     assert not np.array_equal(second.parameters["head.weight"], fresh.parameters["head.weight"])
 
 
+def test_a_device_trains_a_schedule_trained_model_at_its_base_rate(tmp_path, tiny_data, tiny_path) -> None:
+    """A model a cosine trained ended at rate ~0 with its base saved (`training.base_lr`): a device
+    round without --lr trains at that base, as `net_runner --schedule constant` would, not at ~0."""
+    from edgetune.runtime import format as tod_format
+
+    tod = tod_format.load_file(tiny_path)
+    tod.meta["optimizer"]["lr"] = 0.0
+    tod.meta.setdefault("training", {})["base_lr"] = 0.05
+    annealed = tod_format.save_file(tod, tmp_path / "annealed.tod")
+    start = TrainSession.create(tiny_path).parameters()
+    kwargs = dict(server_round=1, partition=0, local_steps=6, seed=3)
+    at_base = train_locally(annealed, tiny_data, start, **kwargs)
+    at_lr = train_locally(tiny_path, tiny_data, start, lr=0.05, **kwargs)
+    assert all(np.array_equal(at_base.parameters[n], at_lr.parameters[n]) for n in start)
+    assert not np.array_equal(at_base.parameters["head.weight"], start["head.weight"])
+
+
 def test_a_device_refuses_another_model_and_bad_tensors(tiny_data, tiny_path) -> None:
     start = TrainSession.create(tiny_path).parameters()
     with pytest.raises(UserError, match="not the server's"):

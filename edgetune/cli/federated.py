@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "mostly on one device")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="Flower's SecAgg+: the server sees only the sum of the devices' updates (needs 3+ nodes)")
-    p.add_argument("--lr", type=float, help="the devices' learning rate (default: the model's)")
+    p.add_argument("--lr", type=float, help="the devices' constant learning rate (default: the model's; "
+                                            "its schedule's base rate if one trained it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shards and of every device's data order (default 0)")
     p.add_argument("--min-nodes", type=int,
                    help="a round needs this many devices (default: a majority of --nodes; 2 with 3 nodes)")

@@ -74,7 +74,7 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
         server_round: the round number (seeds the data order).
         partition: this device's partition id (seeds the data order).
         local_steps: optimizer steps to take.
-        lr: learning rate; None keeps the model's.
+        lr: learning rate; None keeps the model's (its schedule's base rate if one left it).
         seed: the run's seed.
         cache_dir: where this device keeps its frozen features across rounds.
         state: this device's own checkpoint across rounds: when it exists, training starts from it
@@ -97,8 +97,9 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
         raise UserError(f"{start}: this device's model is not the server's (frozen part "
                         f"{session.model_sha256[:12]}, the server's {model_sha256[:12]})")
     session.load_parameters(parameters)
-    if lr is not None:
-        session.learning_rate = lr
+    # `lr`, or the model's base rate: a model trained with a schedule saved the rate it ended on
+    # (a cosine's is ~0), and every round trains at a constant rate
+    session.restart_learning_rate(lr)
     # this round's own data order, whatever order a checkpoint (the device's, or a model that is
     # one) stood at: the Trainer goes on from the order the record holds
     order = np.random.PCG64(round_seed(seed, server_round, partition))

@@ -65,7 +65,7 @@ class RunSettings(_TomlSettings):
         rounds: the last round to reach (a resumed run does only the missing ones).
         federation: an id the devices key their own state by (stable across server restarts).
         local_steps: optimizer steps per device per round.
-        lr: the devices' learning rate; 0 keeps the model's.
+        lr: the devices' learning rate; 0 keeps the model's (the base rate if a schedule trained it).
         seed: seeds every device's data order (with the round and its partition).
         min_nodes: a round needs this many devices; fewer and Flower waits for more.
         wait_nodes: at the start, wait (up to `wait_timeout`) until this many devices are connected.
