@@ -72,9 +72,13 @@ def features(model: Path, data: Path, threads: int, work: Path) -> dict[str, np.
 
 
 def probe(f: dict[str, np.ndarray]) -> tuple[float, float, float]:
-    """Converged L2 logistic regression: ``(l2, test accuracy, validation accuracy)`` at the l2 best on test
-    (the first, strongest, of equals)."""
-    return max(probe_grid(f), key=lambda row: row[1])
+    """Converged L2 logistic regression: ``(l2, test accuracy, validation accuracy)`` at the l2 best on test."""
+    return best_on_test(probe_grid(f))
+
+
+def best_on_test(grid: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The grid's row with the best test accuracy (the first, strongest L2, of equals)."""
+    return max(grid, key=lambda row: row[1])
 
 
 def probe_grid(f: dict[str, np.ndarray]) -> list[tuple[float, float, float]]:
@@ -153,7 +157,7 @@ def main() -> None:
     for model in [args.fp32, *args.int8]:
         f = base if model == args.fp32 else features(model, args.data, args.threads, args.work)
         grid = probe_grid(f)
-        l2, test, val = max(grid, key=lambda row: row[1])  # = probe(f)
+        l2, test, val = best_on_test(grid)
         runs = [net_runner(model, args.data, s, args.threads, args.work) for s in seeds]
         if model == args.fp32:
             fp32_probe, fp32_grid, fp32_runs = val, grid, runs

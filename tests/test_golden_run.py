@@ -174,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(os.environ.get(k) != v for k, v in KERNELS.items()):
         return subprocess.run([sys.executable, "-m", "tests.test_golden_run", *(sys.argv[1:] if argv is None else argv)],
                               env={**os.environ, **KERNELS}, check=False).returncode
-    import onnxruntime
-
     record = golden_runs(args.model, args.data, args.work)
     if args.replay is not None:
         args.replay.write_text(json.dumps(record), encoding="utf-8")
         return 0
+    import onnxruntime
+
     record = {"recorded_on": args.commit, "environment": {"onnxruntime": onnxruntime.__version__,
                                                           "numpy": np.__version__}, **record}
     GOLDEN.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
