@@ -136,9 +136,8 @@ def test_golden_run_is_reproduced_exactly(lite0_tod: Path, fashion_dir: Path, tm
                     f"(onnxruntime {onnxruntime.__version__} here, {golden['environment']['onnxruntime']} "
                     f"there, or other CPU kernels): the head's numbers cannot be compared exactly")
     replay = tmp_path / "replay.json"
-    subprocess.run([sys.executable, "-m", "tests.test_golden_run", "--model", os.fspath(lite0_tod), "--data",
-                    os.fspath(fashion_dir), "--work", os.fspath(tmp_path / "work"), "--replay", os.fspath(replay)],
-                   cwd=Path(__file__).parents[1], env={**os.environ, **KERNELS}, check=True, timeout=600)
+    assert run_with_kernels(["--model", os.fspath(lite0_tod), "--data", os.fspath(fashion_dir),
+                             "--work", os.fspath(tmp_path / "work"), "--replay", os.fspath(replay)]) == 0
     got = json.loads(replay.read_text(encoding="utf-8"))
     assert tod_format.load_file(tmp_path / "work" / "seed.tod").meta["optimizer"]["name"] == "sgd"
     for want, have in zip(golden["runs"], got["runs"], strict=True):
@@ -158,6 +157,13 @@ def haswell_kernels_run_here() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+def run_with_kernels(argv: list[str]) -> int:
+    """`python -m tests.test_golden_run ARGV` in a child process with the recording's BLAS kernels (`KERNELS`):
+    OpenBLAS reads them only when it loads. Returns the child's exit code."""
+    return subprocess.run([sys.executable, "-m", "tests.test_golden_run", *argv], cwd=Path(__file__).parents[1],
+                          env={**os.environ, **KERNELS}, check=False, timeout=600).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     """Record `golden_run.json`: `python -m tests.test_golden_run --model lite0.tod --data fm100 --work DIR
     --commit SHA` (or, with `--replay OUT`, write the same record to OUT: what the test compares).
@@ -172,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--replay", type=Path, help="replay: write the record here instead")
     args = parser.parse_args(argv)
     if any(os.environ.get(k) != v for k, v in KERNELS.items()):
-        return subprocess.run([sys.executable, "-m", "tests.test_golden_run", *(sys.argv[1:] if argv is None else argv)],
-                              env={**os.environ, **KERNELS}, check=False).returncode
+        return run_with_kernels(sys.argv[1:] if argv is None else argv)
     record = golden_runs(args.model, args.data, args.work)
     if args.replay is not None:
         args.replay.write_text(json.dumps(record), encoding="utf-8")
