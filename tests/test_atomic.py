@@ -25,7 +25,7 @@ def _recording_fsync(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return synced
 
 
-def test_bytes_and_callable_forms_write_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bytes_parts_and_callable_forms_write_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced = _recording_fsync(monkeypatch)
     assert write_atomic(tmp_path / "a.bin", b"\x00abc") == str(tmp_path / "a.bin")
     assert synced == ["file", "dir"]  # durable: the data, then the rename
@@ -38,7 +38,9 @@ def test_bytes_and_callable_forms_write_the_file(tmp_path: Path, monkeypatch: py
     assert synced == ["file", "dir"]  # durable=False: no fsync at all
     assert (tmp_path / "a.bin").read_bytes() == b"\x00abc"
     assert (tmp_path / "b.bin").read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+    write_atomic(tmp_path / "c.bin", [b"ab", memoryview(b"cd"), bytearray(b"e")])  # parts, written in order
+    assert (tmp_path / "c.bin").read_bytes() == b"abcde" and synced == ["file", "dir"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin", "c.bin"]
 
 
 def test_temp_file_is_hidden_partial_and_target_untouched_meanwhile(tmp_path: Path) -> None:

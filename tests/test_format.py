@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -68,6 +69,34 @@ def test_save_file_roundtrip_and_atomic(tmp_path):
     assert path == str(tmp_path / "m.tod") and (tmp_path / "m.tod").read_bytes() == GOLDEN
     assert [p.name for p in tmp_path.iterdir()] == ["m.tod"]  # no temp file left
     assert load_file(path).meta["name"] == "tiny"
+
+
+def test_save_file_writes_every_layout_of_tensor_as_save_does(tmp_path):
+    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    tod = TodFile(meta={"n": 1}, tensors={"big_endian": base.astype(">f8"), "fortran": np.asfortranarray(base),
+                                          "strided": base[:, ::2], "scalar": np.array(3, np.int32),
+                                          "empty": np.zeros((0, 5), np.float32)},
+                  blobs={"blob": bytearray(b"xyz")})
+    path = save_file(tod, tmp_path / "m.tod")
+    assert (tmp_path / "m.tod").read_bytes() == save(tod)
+    back = load_file(path)
+    np.testing.assert_array_equal(back.tensors["big_endian"], base)
+    np.testing.assert_array_equal(back.tensors["strided"], base[:, ::2])
+    assert back.tensors["scalar"].shape == () and back.blobs["blob"] == b"xyz"
+
+
+def test_save_file_writes_the_tensors_without_copying_them(tmp_path):
+    """A checkpoint is written from the tensors' own memory: saving never holds a second copy."""
+    weights = np.ones((4, 1 << 20), np.float32)  # 16 MiB
+    tod = TodFile(meta={"n": 1}, tensors={"w": weights})
+    tracemalloc.start()
+    try:
+        save_file(tod, tmp_path / "m.tod")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < weights.nbytes // 16, f"saving a {weights.nbytes} B tensor allocated {peak} B"
+    np.testing.assert_array_equal(load_file(tmp_path / "m.tod").tensors["w"], weights)
 
 
 @pytest.mark.parametrize("cut", [0, 10, PREAMBLE.size, PREAMBLE.size + 100, len(GOLDEN) - 1])

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 TEMP_SUFFIX = ".partial"
 PERMISSION_BITS = 0o777  # what a replaced file's mode passes on: rwx for user, group, other; no set-id bits
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], *, durable: bool = True) -> str:
+Parts = Sequence[bytes | memoryview]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Parts | Callable[[BinaryIO], None], *,
+                 durable: bool = True) -> str:
     """Replace `path` with `data` atomically, keeping the permissions of the file it replaces.
 
     Args:
         path: The file to write; its directory must exist.
-        data: The bytes, or a function writing them to the open temp file (for an image's `save` or
-            a streamed download, which need not be held in memory first).
+        data: The bytes; or a list of byte buffers written in order (a model's tensors, which need
+            not be joined into one copy first); or a function writing them to the open temp file
+            (for an image's `save` or a streamed download, which need not be held in memory first).
         durable: fsync the file and its directory, so the new file survives a power cut. False
             only guards against a killed process: for files that are cheap to make again.
 
@@ -52,7 +57,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
                 data(f)
                 in_writer = False
             else:
-                f.write(data)
+                for part in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+                    f.write(part)
             f.flush()
             if durable:
                 os.fsync(f.fileno())

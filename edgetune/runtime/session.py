@@ -376,8 +376,14 @@ class TrainSession:
         """What `save` writes now: a copy of the meta (learning rate, optimizer step, dropout
         generator and record brought up to date), the parameters, the optimizer slots, the frozen graph.
 
-        An unchanged model gives back its own content, so its file round-trips byte for byte.
+        A snapshot: its tensors are copies, which later steps leave as they are. An unchanged
+        model gives back its own content, so its file round-trips byte for byte.
         """
+        return self._state(snapshot=True)
+
+    def _state(self, *, snapshot: bool) -> CheckpointState:
+        """`checkpoint_state`, with the live tensors instead of copies when not `snapshot` (`save`
+        writes them before anything can change them: no second copy of a model in memory)."""
         meta = copy.deepcopy(self._meta)
         if self.optimizer.lr != meta["optimizer"].get("lr"):
             meta["optimizer"]["lr"] = self.optimizer.lr
@@ -387,9 +393,10 @@ class TrainSession:
             meta["optimizer_step"] = self.step
         if self._has_dropout and (self.step > 0 or "dropout_rng_state" in meta["training"]):
             meta["training"]["dropout_rng_state"] = self.module.rng.bit_generator.state
-        return CheckpointState(meta, self.parameters(),
-                               {k: v.copy() for k, v in self.optimizer.state_tensors().items()},
-                               self.frozen.blob, {n: v.copy() for n, v in self._buffers.items()},
+        keep = np.copy if snapshot else np.asarray
+        return CheckpointState(meta, {n: keep(p.data) for n, p in self.params.items()},
+                               {k: keep(v) for k, v in self.optimizer.state_tensors().items()},
+                               self.frozen.blob, {n: keep(v) for n, v in self._buffers.items()},
                                self._constants, self._version)
 
     def restore(self, state: CheckpointState) -> None:
@@ -423,7 +430,7 @@ class TrainSession:
         Returns:
             The path written.
         """
-        return self.checkpoint_state().save(path)
+        return self._state(snapshot=False).save(path)
 
     def export_inference(self, path: str | os.PathLike) -> str:
         """Write one standard ONNX classifier: frozen graph + trained head, input data -> `logits`.
