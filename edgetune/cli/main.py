@@ -14,6 +14,11 @@ from collections.abc import Sequence
 from edgetune import __version__
 from edgetune.cli.errors import run_guarded
 
+DESCRIPTION = ("Train on the device: a frozen pretrained backbone, a small trainable part. Export and convert "
+               "on the host; train and evaluate the .tod model on the device (numpy + onnxruntime); "
+               "package it for a device, or train one model across many devices with Flower.")
+EPILOG = "A typical flow: export -> convert -> prepare-data -> run. `edgetune COMMAND -h` for a command's options."
+
 # command name -> (module under edgetune.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "host: export a TransferNet as an ONNX training graph (needs torch)"),
@@ -26,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="edgetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="edgetune", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = list(sys.argv[1:] if argv is None else argv)
