@@ -50,13 +50,14 @@ class Run:
         return (self.steps - 1) / (self.step_times[-1] - self.step_times[0])
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> Run:
+def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "", cwd: str | os.PathLike | None = None) -> Run:
     """Run ``cmd`` to completion and measure it.
 
     Args:
         cmd: The child's argument list (no shell).
         env: Extra environment variables for the child.
         label: Shown in the progress line on stderr.
+        cwd: The child's working directory (default: this process's).
 
     Returns:
         The measurements. Raises ``RuntimeError`` with the child's stderr tail if it fails, so a
@@ -68,7 +69,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "") -> R
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(errors, "wb") as err:
             start = time.monotonic()
-            proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", timing, *cmd], env=child_env,
+            proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", timing, *cmd], env=child_env, cwd=cwd,
                                     stdout=subprocess.PIPE, stderr=err, text=True)
             stamps: list[float] = []
             validation = None
