@@ -97,8 +97,8 @@ def _parts(tod: TodFile) -> list[bytes | memoryview]:
     """The file's bytes in order: preamble, header, then each entry's padding and data.
 
     The data parts are views of the tensors' own memory, not copies: `save_file` writes them
-    straight to the file, so saving a model never holds a second copy of it (a 37 MB last-block
-    checkpoint was three: `tobytes`, the joined file, and the arrays).
+    straight to the file, so saving a model never holds a second copy of it (it used to hold three:
+    the arrays, their `tobytes` and the joined file).
     """
     names = sorted(set(tod.tensors) | set(tod.blobs))
     if set(tod.tensors) & set(tod.blobs):

@@ -57,8 +57,8 @@ def _per_tap(w: np.ndarray) -> np.ndarray:
     """W (M, C/group, kh, kw) as (kh, kw, M, C/group) contiguous: each tap's weights in one run of memory.
 
     A depthwise tap multiplies every position by `W[:, 0, i, j]`; read from W itself that vector
-    has a stride of kh*kw elements, and numpy's broadcast multiply falls back from its SIMD loop:
-    2.6x slower per tap at Lite0's 1152 channels. The copy is a few kilobytes per call.
+    has a stride of kh*kw elements, and numpy's broadcast multiply falls back from its SIMD loop
+    (2-3x slower per tap at Lite0's 1152 channels). The copy is a few kilobytes per call.
     """
     return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
 
