@@ -183,6 +183,12 @@ def test_fill_cache_keeps_only_the_cache(tiny_tod, tiny_split) -> None:
     progress = []
     trainer = Trainer(filled, split, progress=lambda *a: progress.append(a))
     assert trainer.fill_cache(split) is None and progress[-1] == ("features train", 30, 30)
+    progress.clear()
+    trainer.fill_cache(split)  # all cached: the backbone runs on nothing, so no bar (no "30/30" at a made-up rate)
+    assert progress == []
+    more = tiny_split(40)  # its first 30 keys are split's (keys name seed, split and index): 10 to extract
+    trainer.fill_cache(more)
+    assert progress[-1] == ("features train (30 cached)", 10, 10)
     reference = Trainer(TrainSession.create(tiny_tod(), Context(threads=1)), split).features(split)
     np.testing.assert_array_equal(np.stack(filled.feature_cache.get_many(split.keys)), reference)
     with pytest.raises(UserError, match="fill_cache needs the feature cache"):

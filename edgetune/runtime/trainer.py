@@ -259,7 +259,8 @@ class Trainer:
         """Features of `split[idx]`; images are decoded `feature_batch` at a time, and with the cache
         on only those not cached yet (after the first epoch, none). Decoding runs `ctx.decode_ahead`
         batches ahead of the frozen graph in a producer thread (`pipeline.prefetch`); `what` names
-        the progress reported after each batch (None: no progress). `keep=False` (cache on) only
+        the progress reported after each batch (None: no progress), which counts the images to
+        extract (the label says how many were cached; nothing is reported when all were). `keep=False` (cache on) only
         fills the cache and returns None."""
         sess = self.session
         cache = sess.feature_cache if sess.ctx.cache else None
@@ -268,16 +269,16 @@ class Trainer:
         missing = [j for j, r in enumerate(rows) if r is None]
         step = sess.ctx.feature_batch
         parts = [missing[start:start + step] for start in range(0, len(missing), step)]
-        done = len(idx) - len(missing)
+        cached = len(idx) - len(missing)
+        label = f"{what} ({cached} cached)" if cached and what is not None else what
+        done = 0  # the bar counts the images the backbone runs on: none when all are cached (no bar)
         for part, images in prefetch(parts, lambda part: split.images(idx[part]), sess.ctx.decode_ahead):
             fresh = sess.extract_features(images, keys=None if keys is None else [keys[j] for j in part])
             for k, j in enumerate(part):
                 rows[j] = fresh[k] if keep else None
             done += len(part)
-            if what is not None and self.progress is not None:
-                self.progress(what, done, len(idx))
-        if what is not None and self.progress is not None and not missing:
-            self.progress(what, len(idx), len(idx))
+            if label is not None and self.progress is not None:
+                self.progress(label, done, len(missing))
         return np.stack(rows).astype(np.float32, copy=False) if keep else None
 
     def _tell(self, hook: str, *args: Any) -> None:
