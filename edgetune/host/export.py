@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,11 +169,28 @@ def _trainable_names(net: nn.Module, trainable: Iterable[nn.Parameter | str]) ->
 def _to_onnx(net: nn.Module, dummy: torch.Tensor) -> Any:
     print("exporting with torch.onnx (dynamo, opset 18)...", file=sys.stderr)
     batch = torch.export.Dim("batch")
-    with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines are not our output
+    with contextlib.redirect_stdout(sys.stderr), _quiet_exporter():  # its progress lines are not our output
         program = torch.onnx.export(net, (dummy,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     opset_version=18, dynamic_shapes=({0: batch},), verbose=False,
                                     optimize=False)  # its optimizer drops an all-zero (trainable) bias
     return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide two messages of torch's exporter that say nothing about the user's model: that
+    torchvision's detection ops are not registered (we export none), and a deprecation inside
+    torch's own pytree code. Anything else it warns about still shows."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _buffers(model: onnx.ModelProto, trainable: list[str], torch_buffers: set[str]) -> list[str]:
