@@ -285,6 +285,20 @@ def test_auto_prints_its_search_logs_it_and_trains_the_choice(capsys, model, min
     assert Trainer(trained, data.train, data.test).evaluate("test") == pytest.approx(searched, abs=5e-5)
 
 
+def test_an_interrupted_auto_run_resumes_to_the_same_model_as_the_readme_says(capsys, model, mini_fashion_dir,
+                                                                               feature_cache, tmp_path) -> None:
+    """README: a checkpoint of an --auto run from a fresh model, resumed with `--schedule cosine`, the
+    steps left and `--target-accuracy 1`, ends at the very file the uninterrupted run wrote."""
+    fresh = Path(shutil.copy(model, tmp_path / "fresh.tod"))
+    lines = run(capsys, fresh, mini_fashion_dir, feature_cache, "--auto", "--seed", "1", "-q", "-s", "2")
+    steps = int(re.search(r"auto: chose lr \S+, weight decay \S+, (\d+) steps", "\n".join(lines)).group(1))
+    assert steps > 2, lines  # a checkpoint before the end exists
+    checkpoint = Path(shutil.copy(tmp_path / "fresh_trained_2.tod", tmp_path / "resumed.tod"))
+    run(capsys, checkpoint, mini_fashion_dir, feature_cache, "--schedule", "cosine", "-c", str(steps - 2),
+        "--target-accuracy", "1", "-q")
+    assert (tmp_path / "resumed_trained.tod").read_bytes() == (tmp_path / "fresh_trained.tod").read_bytes()
+
+
 def test_auto_on_a_trained_model_anneals_its_own_rate_from_the_models_step(capsys, model, mini_fashion_dir,
                                                                           feature_cache, tmp_path) -> None:
     """--auto continuing a cosine-trained model (step 12, its base rate saved, its rate ended at 0): the
