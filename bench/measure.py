@@ -50,7 +50,8 @@ class Run:
         return (self.steps - 1) / (self.step_times[-1] - self.step_times[0])
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "", cwd: str | os.PathLike | None = None) -> Run:
+def run(cmd: list[str], env: dict[str, str] | None = None, label: str = "",
+        cwd: str | os.PathLike | None = None) -> Run:
     """Run ``cmd`` to completion and measure it.
 
     Args:

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[side].append(run)
             print(f"run {i + 1}/{2 * args.reps} {side} {revs[side]}: {run.wall:.1f} s, step "
                   f"{fmt(step_ms(run))} ms, {run.peak_rss_mb:.0f} MB", file=sys.stderr, flush=True)
-    print(f"`{shlex.join(args.command)}`: {args.reps} run{'s' if args.reps > 1 else ''} of each revision, alternating (ABBA); medians")
+    runs_word = "run" if args.reps == 1 else "runs"
+    print(f"`{shlex.join(args.command)}`: {args.reps} {runs_word} of each revision, alternating (ABBA); medians")
     print(table(runs, revs))
     return 0
 

@@ -260,8 +260,8 @@ class Trainer:
         on only those not cached yet (after the first epoch, none). Decoding runs `ctx.decode_ahead`
         batches ahead of the frozen graph in a producer thread (`pipeline.prefetch`); `what` names
         the progress reported after each batch (None: no progress), which counts the images to
-        extract (the label says how many were cached; nothing is reported when all were). `keep=False` (cache on) only
-        fills the cache and returns None."""
+        extract (the label says how many were cached; nothing is reported when all were).
+        `keep=False` (cache on) only fills the cache and returns None."""
         sess = self.session
         cache = sess.feature_cache if sess.ctx.cache else None
         keys = [split.keys[i] for i in idx] if cache is not None else None

@@ -147,7 +147,7 @@ class Conv(Op):
             gxh = np.zeros(xh.shape, dtype=np.result_type(g, w)) if want_x else None
             gw = np.zeros_like(w) if want_w else None
             scratch = np.empty(xh.shape, dtype=np.result_type(g, w))
-            wt = _per_tap(w)
+            wt = _per_tap(w) if want_x else None  # only the input gradient reads the weights
             for part in self._chunks(g):
                 g_part, x_part = g[part], xh[part]
                 for i, j, out, inp in self._taps(kh, kw):
