@@ -21,7 +21,7 @@ Accuracy does not depend on machine load; the step times do.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +40,7 @@ from edgetune.host import create_backbone, default_head
 from edgetune.host.trainable import RECIPES, Recipe
 from edgetune.runtime.callbacks import make_schedule
 from edgetune.runtime.dataset import load_dataset
+from edgetune.runtime.mixup import mix
 
 BATCH = 32
 EXTRACT_BATCH = 32
@@ -257,7 +258,10 @@ def finetune(choice: str, feats: Features, num_classes: int, recipe: Recipe, epo
                 g["lr"] = schedule.rate(i - 1, base)
         t0 = time.perf_counter()
         t = torch.from_numpy(idx)
-        loss = nn.functional.cross_entropy(tail(x[t]), y[t])
+        xb, yb = x[t], y[t]
+        if recipe.mixup:  # edgetune's own draws for this seed and step: the Trainer's mix
+            xb, yb = map(torch.from_numpy, mix(xb.numpy(), yb.numpy(), num_classes, recipe.mixup, seed, i - 1))
+        loss = nn.functional.cross_entropy(tail(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -329,6 +333,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="search the recipe grid instead of the default recipes")
     p.add_argument("--recipe", type=parse_recipe, action="append",
                    help="run this recipe instead (repeatable): adam|sgd:LR[:BACKBONE_SCALE[:WEIGHT_DECAY]]")
+    p.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="mixup strength of every run instead of its recipe's (0: off; last-block's recipe: 0.2)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgetune" / "bench-finetune")
     p.add_argument("--out", type=Path, help="append every result as a JSON line")
     p.add_argument("--extract-with", choices=["torch", "ort"], default="torch",
@@ -349,6 +355,8 @@ def main() -> None:
     results = []
     for choice in args.choices:
         recipes = args.recipe or (sweep_recipes(choice) if args.sweep else [RECIPES[choice]])
+        if args.mixup is not None:
+            recipes = [dataclasses.replace(r, mixup=args.mixup) for r in recipes]
         for recipe in recipes:
             res = finetune(choice, feats[choice], num_classes, recipe, args.epochs, args.seed)
             _say(f"{choice:10s} {res.recipe:34s} test {res.test:.3f} val {res.val:.3f} "

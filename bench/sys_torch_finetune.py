@@ -83,8 +83,9 @@ def main() -> None:
         return {"tail": {n: p for n, p in tail.named_parameters() if p.requires_grad}, "optimizer": opt.state_dict()}
 
     schedule = make_schedule(meta.get("schedule", "constant"), args.steps)  # as net_runner follows the model's
+    mixup = (meta["mixup"], meta["num_classes"]) if meta.get("mixup") else None  # as the Trainer follows the model's
     torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=False,
-                       schedule=schedule.rate if schedule is not None else None)
+                       schedule=schedule.rate if schedule is not None else None, mixup=mixup)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,8 @@ from torch import nn
 import common
 import torch_model
 
+from edgetune.runtime.mixup import mix
+
 Extract = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) float32 images -> (N, F) features
 
 
@@ -57,7 +59,8 @@ def train_head(args: argparse.Namespace, meta: dict, params: dict[str, np.ndarra
 
 def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, cached: dict[str, torch.Tensor],
           splits: tuple[common.Split, ...], batch_size: int, state: Callable[[], dict],
-          train_mode: bool = True, schedule: Callable[[int, float], float] | None = None) -> None:
+          train_mode: bool = True, schedule: Callable[[int, float], float] | None = None,
+          mixup: tuple[float, int] | None = None) -> None:
     """The seed's loop over cached features: steps in the Trainer's order, its log lines, test accuracy
     every ``args.test_every`` steps, a checkpoint (``state()``) every ``args.save_every``, validation at the end.
 
@@ -65,6 +68,8 @@ def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer
     BatchNorm statistics stay frozen); otherwise it trains in train mode and evaluates in eval mode.
     ``schedule(step, base)``: each group's rate for the step after ``step`` steps (the model's
     `meta.schedule` as net_runner follows it, `make_schedule(...).rate`); None keeps the rates.
+    ``mixup``: (the model's `meta.mixup`, its class count): each batch is mixed by edgetune's own `mix`
+    (the Trainer's draws for the same seed and step) and trains on the soft targets; None: no mixing.
     """
     labels = {s.name: torch.from_numpy(s.labels) for s in splits}
     train_split = next(s for s in splits if s.name == "train")
@@ -86,7 +91,11 @@ def train(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer
                 g["lr"] = schedule(i - 1, base)
         model.train(train_mode)
         t = torch.from_numpy(idx)
-        loss = nn.functional.cross_entropy(model(cached["train"][t]), labels["train"][t])
+        x, y = cached["train"][t], labels["train"][t]
+        if mixup is not None:
+            alpha, classes = mixup
+            x, y = map(torch.from_numpy, mix(x.numpy(), y.numpy(), classes, alpha, args.seed, i - 1))
+        loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

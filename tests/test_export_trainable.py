@@ -240,3 +240,31 @@ def test_lite0_trainable_export(lite0_net, tmp_path, choice, ops):
         want = lite0_net(x).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"data": x.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_recipes_mixup_travels_to_the_device_model(tmp_path):
+    """export writes the recipe's mixup strength (or the one given) into the graph; convert carries it
+    into the `.tod`, where the Trainer reads it (`TrainSession.mixup`); 0 is the absent key."""
+    from edgetune.convert import convert
+    from edgetune.runtime.format import load_file
+
+    net = TransferNet(TinyBackbone(), default_head(6, 3, seed=1))
+    shown = {}
+    for name, trainable, mixup in [("head", "head", None), ("deep", "backbone.fc", None),
+                                   ("strong", "backbone.fc", 1.0), ("off", "backbone.fc", 0.0)]:
+        onnx_path = export(net, trainable, input_shape=(3, 10, 10), preprocessing=PRE, batch_size=4,
+                           path=tmp_path / f"{name}.onnx", mixup=mixup)
+        want = select(net, trainable).recipe.mixup if mixup is None else mixup
+        assert _meta(onnx.load(onnx_path)).get("mixup", 0.0) == want
+        shown[name] = load_file(convert(onnx_path, tmp_path / name)).meta.get("mixup", 0.0)
+    assert shown == {"head": RECIPES["head"].mixup, "deep": RECIPES["last-block"].mixup, "strong": 1.0, "off": 0.0}
+    assert "mixup" not in _meta(onnx.load(tmp_path / "head.onnx"))  # the seed's graph is as it was
+    with pytest.raises(UserError, match="mixup must be a number"):
+        export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", mixup=-1)
+    model = onnx.load(tmp_path / "deep.onnx")  # a graph edited by hand: refused at convert, nothing written
+    entry = next(p for p in model.metadata_props if p.key == "edgetune")
+    entry.value = json.dumps({**json.loads(entry.value), "mixup": "strong"})
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(UserError, match="mixup must be a number"):
+        convert(tmp_path / "bad.onnx", tmp_path / "bad")
+    assert not (tmp_path / "bad.tod").exists()

@@ -202,6 +202,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, model, mini_fashion_dir) -> N
     assert "--cycles must be >= 0" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "-1")
     assert "--weight-decay must be a finite number >= 0" in _user_error(
         tmp_path, "-f", os.fspath(model), "-d", data, "--weight-decay", "-0.1")
+    assert "--mixup must be a number in [0, 10] (0: off), got -1" in _user_error(
+        tmp_path, "-f", os.fspath(model), "-d", data, "--mixup", "-1")
     assert "--warmup" in _user_error(tmp_path, "-f", os.fspath(model), "-d", data, "-c", "5", "--warmup", "5")
     assert "--auto-budget must be a finite number of seconds > 0" in _user_error(
         tmp_path, "-f", os.fspath(model), "-d", data, "--auto", "--auto-budget", "0")
@@ -373,3 +375,22 @@ def test_an_unloaded_frozen_part_loads_again_for_an_image_it_has_not_seen(lite0_
     assert session.frozen._session is not None
     np.testing.assert_array_equal(fresh, TrainSession.create(lite0_tod, Context(threads=1, cache=False))
                                   .extract_features(x[1:]))
+
+
+def test_the_models_mixup_is_the_default_and_the_flag_overrides_it(capsys, model, mini_fashion_dir,
+                                                                  feature_cache, tmp_path) -> None:
+    """A model whose recipe carries `mixup` trains on mixes with no option given; `--mixup 0` turns
+    it off; `--mixup A` on a model without the key (the seed's) trains as the model carrying A."""
+    from edgetune.runtime import format as tod_format
+
+    tod = tod_format.load_file(model)
+    tod.meta["mixup"] = 0.4
+    mixing = Path(tod_format.save_file(tod, tmp_path / "mixing.tod"))
+
+    def losses(path: Path, *options: str) -> list[str]:
+        lines = run(capsys, path, mini_fashion_dir, feature_cache, "-c", "6", "--test-every", "100", *options)
+        return [LOSS.match(ln)[2] for ln in lines if LOSS.match(ln)]
+
+    mixed = losses(mixing)
+    assert len(mixed) == 6 and mixed == losses(model, "--mixup", "0.4")
+    assert losses(mixing, "--mixup", "0") == losses(model) != mixed

@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES,
                         help="learning-rate schedule net_runner follows over a run unless told otherwise "
                              "(default: the recipe's: cosine for last-block and backbone module names, constant otherwise)")
+    parser.add_argument("--mixup", type=float, metavar="ALPHA",
+                        help="strength of mixup at the cut the device trains with unless told otherwise, 0 = off "
+                             "(default: the recipe's: 0.2 for last-block and backbone module names, 0 otherwise)")
     add_training_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
                         help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
@@ -117,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
     selection = select(net, args.trainable)
     optimizer = optimizer_from(args, selection.recipe.optimizer)
     path = export(net, args.trainable, optimizer=optimizer, batch_size=args.batch_size, class_names=names,
-                  path=args.output, backbone_lr_scale=args.backbone_lr_scale, schedule=args.schedule)
+                  path=args.output, backbone_lr_scale=args.backbone_lr_scale, schedule=args.schedule,
+                  mixup=args.mixup)
+    alpha = selection.recipe.mixup if args.mixup is None else args.mixup
+    mixup = f", mixup {alpha:g}" if alpha else ""
     params = dict(net.named_parameters())
     weights = sum(params[n].numel() for n in selection.params)
     print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, trainable {selection.choice}: "
           f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, "
-          f"{args.schedule or selection.recipe.schedule} schedule, batch {args.batch_size})")
+          f"{args.schedule or selection.recipe.schedule} schedule{mixup}, batch {args.batch_size})")
     return 0

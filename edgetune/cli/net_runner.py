@@ -23,7 +23,7 @@ from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.callbacks import Callback, make_schedule
 from edgetune.runtime.frozen import DEFAULT_CACHE_BUDGET
-from edgetune.runtime.meta import SCHEDULES
+from edgetune.runtime.meta import MAX_MIXUP, SCHEDULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "third); default: the model's recipe (the seed's head: constant)")
     parser.add_argument("--warmup", type=int, default=0, metavar="N",
                         help="raise the learning rate linearly over the first N steps (default 0)")
+    parser.add_argument("--mixup", type=float, metavar="ALPHA",
+                        help="train on mixes of two images' cached features and labels, mixup of this strength "
+                             "(0 = off); default: the model's recipe (last-block's: 0.2; the seed's head: off)")
     parser.add_argument("--auto", action="store_true",
                         help="choose learning rate, weight decay and step count on the test split by training "
                              "candidates over the cached features to the end of a cosine, then train the chosen "
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(session, data.train, data.test, callbacks=callbacks, seed=args.seed,
                       test_every=args.test_every, target_accuracy=args.target_accuracy,
                       save_every=args.save_every,  # <model>_trained_<i>.tod next to the model
-                      keep_best=args.keep_best)
+                      keep_best=args.keep_best, mixup=args.mixup)
     progress = None if args.quiet else FeatureProgress()
     if session.ctx.cache:  # extract each split once up front, with a progress bar; then all is cached
         trainer.progress = progress
@@ -203,6 +206,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.test_every < 1:
         raise UserError("--test-every must be >= 1")
+    if args.mixup is not None and not (0 <= args.mixup <= MAX_MIXUP):  # NaN fails both
+        raise UserError(f"--mixup must be a number in [0, {MAX_MIXUP:g}] (0: off), got {args.mixup:g}")
     if not (args.cache_budget >= 0 and math.isfinite(args.cache_budget)):
         raise UserError(f"--cache-budget must be a finite number of MiB >= 0, got {args.cache_budget:g}")
     if args.threads is not None and args.threads < 1:

@@ -28,7 +28,7 @@ from edgetune.convert.split import Head, split_head
 from edgetune.errors import UserError
 from edgetune.runtime.bounds import memory_limit
 from edgetune.runtime.format import TodFile, load_file, save_file
-from edgetune.runtime.meta import check_schedule
+from edgetune.runtime.meta import check_mixup, check_schedule
 from edgetune.runtime.safe_read import read_file
 from edgetune.runtime.head import OUTPUT, head_graph
 from edgetune.runtime.module import Module
@@ -67,6 +67,7 @@ def convert(model_path: str | os.PathLike, output: str | os.PathLike, *, quantiz
     info = json.loads(entry)
     check_loss(info["loss"])
     check_schedule(info.get("schedule", "constant"))
+    check_mixup(info.get("mixup", 0.0))
     head = split_head(model, info["trainable"], info["input"]["name"], info["output"], info.get("buffers", []),
                       cut_name=frozen.FEATURES, output_as=OUTPUT)
     blob, shape = _frozen(model, info["input"]["name"], head.boundary, tuple(info["input"]["shape"][1:]))
@@ -202,6 +203,7 @@ def _write(output: str | os.PathLike, info: dict[str, Any], blob: bytes, shape: 
         **({"buffers": sorted(head.buffers)} if head.buffers else {}),
         **({"param_groups": info["param_groups"]} if info.get("param_groups") else {}),
         **({"schedule": info["schedule"]} if info.get("schedule", "constant") != "constant" else {}),
+        **({"mixup": info["mixup"]} if info.get("mixup") else {}),
         "optimizer_step": 0,
         "training": {"steps": 0, "best_test_accuracy": None, "validation_accuracy": None,
                      "seed": None, "rng_state": None, "data_cursor": None},

@@ -39,7 +39,7 @@ from edgetune.errors import UserError
 from edgetune.host.net import TransferNet
 from edgetune.host.trainable import HEAD, Selection, select
 from edgetune.runtime.atomic import write_atomic
-from edgetune.runtime.meta import check_schedule
+from edgetune.runtime.meta import check_mixup, check_schedule
 
 INPUT_NAME, OUTPUT_NAME, LABEL_NAME = "data", "logits", "label"
 
@@ -48,7 +48,8 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
            optimizer: Algorithm | None = None, batch_size: int = 32, input_shape: Sequence[int] = (3, 224, 224),
            class_names: Sequence[str] | None = None, preprocessing: dict[str, Any] | None = None,
            path: str | os.PathLike = "transfer_learning_tod.onnx", backbone_name: str | None = None,
-           backbone_lr_scale: float | None = None, schedule: str | None = None) -> str:
+           backbone_lr_scale: float | None = None, schedule: str | None = None,
+           mixup: float | None = None) -> str:
     """Export `net` as an ONNX training graph (forward graph + training metadata), atomically.
 
     Args:
@@ -64,6 +65,9 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
         schedule: the learning-rate schedule `net_runner` follows over a run unless told otherwise
             (`constant`, `cosine`, `step`; written as `schedule` when not constant); default: the
             choice's recipe.
+        mixup: the strength (alpha) of mixup at the cut the device trains with unless told otherwise
+            (`edgetune.runtime.mixup`; 0: off; written as `mixup` when not 0); default: the choice's
+            recipe.
         batch_size: the training batch size (the frozen part still runs any batch size).
         input_shape: `(C, H, W)` of one image.
         class_names: one name per output class; default `"0"`, `"1"`, ...
@@ -88,6 +92,7 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
     if not lr_scale > 0:
         raise UserError(f"backbone learning-rate scale must be > 0, got {lr_scale}")
     schedule = check_schedule(recipe.schedule if schedule is None else schedule)
+    mixup = check_mixup(recipe.mixup if mixup is None else mixup)
     check_loss(loss)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
@@ -122,6 +127,8 @@ def export(net: nn.Module, trainable: str | Iterable[nn.Parameter | str] = HEAD,
         }
         if schedule != "constant":  # absent means constant: the seed's files stay as they were
             meta["schedule"] = schedule
+        if mixup:  # absent means off
+            meta["mixup"] = mixup
         if selection.backbone:
             meta["trainable_choice"] = selection.choice
             meta["param_groups"] = selection.param_groups(lr_scale)

@@ -24,6 +24,7 @@ REQUIRED = ("frozen", "head", "trainable", "optimizer", "num_classes", "class_na
             "input", "label", "preprocessing")
 RNG_STATES = ("rng_state", "dropout_rng_state")
 SCHEDULES = ("constant", "cosine", "step")  # `meta.schedule`: what a recipe may ask of a run (callbacks.py)
+MAX_MIXUP = 10.0  # `meta.mixup`: Beta(alpha, alpha) beyond this is all but a constant 0.5 mix; a larger alpha is a typo
 
 
 class ModelError(HeaderError):
@@ -92,6 +93,8 @@ def check_meta(meta: dict[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
             raise ModelError(f"parameter {name} is {t.dtype}, not float32")
     if meta.get("schedule", "constant") not in SCHEDULES:
         raise ModelError(f"schedule must be one of {', '.join(SCHEDULES)}, got {meta['schedule']!r:.80}")
+    if not _mixup_ok(meta.get("mixup", 0.0)):
+        raise ModelError(f"mixup must be a number in [0, {MAX_MIXUP:g}], got {meta['mixup']!r:.80}")
     step = meta.get("optimizer_step", 0)
     if type(step) is not int or step < 0:
         raise ModelError(f"optimizer_step must be an integer >= 0, got {step!r}")
@@ -103,6 +106,17 @@ def check_schedule(name: object) -> str:
     if name not in SCHEDULES:
         raise UserError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     return name
+
+
+def check_mixup(alpha: object) -> float:
+    """`alpha` as a float if it is a mixup strength in [0, MAX_MIXUP] (0: off); else a UserError."""
+    if not _mixup_ok(alpha):
+        raise UserError(f"mixup must be a number in [0, {MAX_MIXUP:g}] (0: off), got {alpha!r:.80}")
+    return float(alpha)
+
+
+def _mixup_ok(alpha: object) -> bool:
+    return type(alpha) in (int, float) and math.isfinite(alpha) and 0 <= alpha <= MAX_MIXUP
 
 
 def _count(value: Any, what: str) -> int:

@@ -205,6 +205,11 @@ class TrainSession:
         return self._meta.get("schedule", "constant")
 
     @property
+    def mixup(self) -> float:
+        """The mixup strength alpha the model's recipe trains with (`meta.mixup`; 0, off, when absent)."""
+        return float(self._meta.get("mixup", 0.0))
+
+    @property
     def weight_decay(self) -> float:
         """The optimizer's weight decay (PyTorch semantics per optimizer); settable between steps, saved with the model."""
         return float(self.optimizer.algorithm.weight_decay)

@@ -23,6 +23,8 @@ import numpy as np
 
 from edgetune.errors import UserError
 from edgetune.runtime.callbacks import Callback
+from edgetune.runtime.meta import check_mixup
+from edgetune.runtime.mixup import mix
 from edgetune.runtime.pipeline import prefetch
 from edgetune.runtime.session import AfterCallback, TrainingDiverged, TrainSession
 
@@ -61,6 +63,8 @@ class Trainer:
         keep_best: at the end of `fit`, go back to the state of the step with the best test accuracy
             (ties: the earlier step; the last step is evaluated too), so the model saved after
             training is the best one measured, not the last. Callbacks are told by `on_restore`.
+        mixup: train on mixes of two samples' features and labels with this strength (0: off;
+            `edgetune.runtime.mixup`); default: the model's recipe (`session.mixup`).
         checkpoint_pattern: checkpoint path with a `{step}` field; default `<model>_trained_{step}.tod`
             next to the file the session was loaded from. The default is never built from
             `meta["name"]`: that is text from inside the model file (it could hold `../` or `/`),
@@ -75,7 +79,8 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), seed: int = 0, test_every: int = 20,
                  target_accuracy: float | None = 0.9, progress: Progress | None = None,
                  after_callback: AfterCallback | None = None, save_every: int = 0,
-                 checkpoint_pattern: str | os.PathLike | None = None, keep_best: bool = False) -> None:
+                 checkpoint_pattern: str | os.PathLike | None = None, keep_best: bool = False,
+                 mixup: float | None = None) -> None:
         if len(train) == 0:
             raise UserError("the train split is empty: nothing to train on")
         if int(save_every) < 0 or int(test_every) < 0:
@@ -92,7 +97,9 @@ class Trainer:
         if self.keep_best and test is None:
             raise UserError("keep_best needs a test split to measure which step is best")
         self.best: tuple[int, float] | None = None  # (step, test accuracy) of the state kept by keep_best
+        self.mixup = session.mixup if mixup is None else check_mixup(mixup)
         record = session.record
+        self._seed = int(seed) if record.get("rng_state") is None else int(record.get("seed") or 0)
         if record.get("rng_state") is None:
             self._rng = np.random.Generator(np.random.PCG64(int(seed)))
             session.seed(int(seed))
@@ -157,7 +164,10 @@ class Trainer:
         last = None  # (step, accuracy) of the last test evaluation
         for _ in range(cycles):
             idx = self._next_batch()
-            session.run_head(self._features(self.train, idx), self.train.labels[idx], self.after_callback)
+            features, labels = self._features(self.train, idx), self.train.labels[idx]
+            if self.mixup:
+                features, labels = mix(features, labels, session.num_classes, self.mixup, self._seed, session.step)
+            session.run_head(features, labels, self.after_callback)
             step = session.step
             session.record_data_order(rng_state=self._epoch_state, data_cursor=self._cursor)
             self._tell("on_step", session, step, session.loss)
