@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"not a revision of this checkout: {rev}")
         revs[side] = out.stdout.strip()
     program = shutil.which(args.command[0])  # found from here, not from inside a worktree
-    command = [os.path.abspath(program) if program else args.command[0], *args.command[1:]]
+    if program is None:
+        raise SystemExit(f"no such program: {args.command[0]} (give a path, e.g. .venv/bin/python -m ...)")
+    command = [os.path.abspath(program), *args.command[1:]]
     runs: dict[str, list[measure.Run]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory(prefix="bench-revisions-") as tmp, \
             worktree(revs["old"], Path(tmp, "old")) as old_tree, worktree(revs["new"], Path(tmp, "new")) as new_tree:

@@ -45,3 +45,5 @@ def test_a_missing_command_or_revision_is_refused() -> None:
         revisions.main(["--old", "HEAD"])
     with pytest.raises(SystemExit, match="not a revision"):
         revisions.main(["--old", "no-such-revision-xyz", "--", "true"])
+    with pytest.raises(SystemExit, match="no such program: no-such-program-xyz"):
+        revisions.main(["--old", "HEAD", "--", "no-such-program-xyz"])  # refused before any worktree is made
