@@ -114,6 +114,21 @@ class TinySplit:
         return self._images[idx].copy()
 
 
+class RecordingSplit:
+    """Wraps a split and records the indices of every batch decoded (`calls`), in order."""
+
+    def __init__(self, split: Any) -> None:
+        self.split, self.name, self.labels, self.keys = split, split.name, split.labels, split.keys
+        self.calls: list[list[int]] = []
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def images(self, indices: Sequence[int]) -> np.ndarray:
+        self.calls.append([int(i) for i in indices])
+        return self.split.images(indices)
+
+
 @pytest.fixture
 def tiny_tod(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
     """Factory: `tiny_tod(head="mlp", optimizer=None, num_classes=3, batch_size=4, seed=0) -> path`."""

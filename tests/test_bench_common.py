@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgetune.runtime import Context, TrainSession
 from edgetune.runtime.trainer import Trainer
-from tests.fixtures_runtime import TinySplit
+from tests.fixtures_runtime import RecordingSplit, TinySplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import common  # noqa: E402 - bench/ is a folder of scripts, not a package
 
 
-class RecordingSplit(TinySplit):
-    """A train split that remembers which samples each `images` call asked for, in order."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__(n)
-        self.calls: list[list[int]] = []
-
-    def images(self, indices: Sequence[int]) -> np.ndarray:
-        self.calls.append([int(i) for i in indices])
-        return super().images(indices)
-
-
 @pytest.mark.parametrize("n, batch, steps, seed", [(10, 4, 9, 3), (8, 4, 7, 0), (3, 4, 5, 1), (13, 5, 11, 7)])
 def test_batch_order_is_the_trainers(tiny_tod, n, batch, steps, seed):
     """Epoch ends with a partial tail (10/4), exact multiples (8/4), a split smaller than a batch (3/4)."""
-    split = RecordingSplit(n)
+    split = RecordingSplit(TinySplit(n))
     # no cache and a feature batch larger than any train batch: one images() call per step, the batch itself
     session = TrainSession.create(tiny_tod(batch_size=batch), Context(cache=False, feature_batch=64))
     Trainer(session, split, seed=seed, test_every=0, target_accuracy=None).fit(steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -161,6 +162,21 @@ def test_trainable_metadata_lists_groups_and_buffers(tiny_export):
     assert meta.get("schedule", "constant") == RECIPES["last-block"].schedule  # a custom deep choice's recipe
 
 
+def _refused_at_convert(graph: Path, key: str, value: object, match: str) -> None:
+    """The training graph with its metadata's `key` edited by hand to `value`: convert refuses it
+    with a UserError matching `match` and writes nothing."""
+    from edgetune.convert import convert
+
+    model = onnx.load(graph)
+    entry = next(p for p in model.metadata_props if p.key == "edgetune")
+    entry.value = json.dumps({**json.loads(entry.value), key: value})
+    bad = graph.with_name("bad.onnx")
+    onnx.save(model, bad)
+    with pytest.raises(UserError, match=match):
+        convert(bad, bad.with_suffix(""))
+    assert not bad.with_suffix(".tod").exists()
+
+
 def test_the_recipes_schedule_travels_to_the_device_model(tmp_path):
     """export writes the recipe's schedule (or the one given) into the graph; convert carries it into the
     `.tod`, where net_runner reads it (`TrainSession.schedule`); `constant` is the absent key."""
@@ -181,13 +197,7 @@ def test_the_recipes_schedule_travels_to_the_device_model(tmp_path):
     assert "schedule" not in _meta(onnx.load(tmp_path / "head.onnx"))  # the seed's graph is as it was
     with pytest.raises(UserError, match="unknown schedule 'linear'"):
         export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", schedule="linear")
-    model = onnx.load(tmp_path / "deep.onnx")  # a graph edited by hand: refused at convert, nothing written
-    entry = next(p for p in model.metadata_props if p.key == "edgetune")
-    entry.value = json.dumps({**json.loads(entry.value), "schedule": "linear"})
-    onnx.save(model, tmp_path / "bad.onnx")
-    with pytest.raises(UserError, match="unknown schedule 'linear'"):
-        convert(tmp_path / "bad.onnx", tmp_path / "bad")
-    assert not (tmp_path / "bad.tod").exists()
+    _refused_at_convert(tmp_path / "deep.onnx", "schedule", "linear", "unknown schedule 'linear'")
 
 
 def test_cleaned_graph_computes_what_torch_computes(tiny_export):
@@ -261,10 +271,4 @@ def test_the_recipes_mixup_travels_to_the_device_model(tmp_path):
     assert "mixup" not in _meta(onnx.load(tmp_path / "head.onnx"))  # the seed's graph is as it was
     with pytest.raises(UserError, match="mixup must be a number"):
         export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", mixup=-1)
-    model = onnx.load(tmp_path / "deep.onnx")  # a graph edited by hand: refused at convert, nothing written
-    entry = next(p for p in model.metadata_props if p.key == "edgetune")
-    entry.value = json.dumps({**json.loads(entry.value), "mixup": "strong"})
-    onnx.save(model, tmp_path / "bad.onnx")
-    with pytest.raises(UserError, match="mixup must be a number"):
-        convert(tmp_path / "bad.onnx", tmp_path / "bad")
-    assert not (tmp_path / "bad.tod").exists()
+    _refused_at_convert(tmp_path / "deep.onnx", "mixup", "strong", "mixup must be a number")

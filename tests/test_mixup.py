@@ -11,6 +11,7 @@ from edgetune.runtime import Context, Trainer, TrainSession
 from edgetune.runtime import format as tod_format
 from edgetune.runtime.meta import ModelError
 from edgetune.runtime.mixup import mix
+from tests.fixtures_runtime import RecordingSplit
 
 
 def _batch(n: int = 6, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -56,21 +57,6 @@ def test_soft_targets_train_the_mixed_loss_of_the_two_labels(tiny_tod) -> None:
     assert loss(targets) == pytest.approx(lam * loss(y) + (1 - lam) * loss(y[perm]), rel=1e-5)
 
 
-class _Recording:
-    """A split that records the indices of every batch it decodes."""
-
-    def __init__(self, split) -> None:
-        self.split, self.name, self.labels, self.keys = split, split.name, split.labels, split.keys
-        self.calls: list[list[int]] = []
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def images(self, indices):
-        self.calls.append([int(i) for i in indices])
-        return self.split.images(indices)
-
-
 def _with_mixup(path: str, alpha: object, out) -> str:
     tod = tod_format.load_file(path)
     tod.meta["mixup"] = alpha
@@ -79,7 +65,7 @@ def _with_mixup(path: str, alpha: object, out) -> str:
 
 def test_the_trainer_mixes_each_batch_with_the_runs_seed_and_step(tiny_tod, tiny_split) -> None:
     path = tiny_tod(head="dense", batch_size=4)
-    train = _Recording(tiny_split(14, seed=1))
+    train = RecordingSplit(tiny_split(14, seed=1))
     trained = TrainSession.create(path, Context(cache=False))
     Trainer(trained, train, seed=5, test_every=0, mixup=0.4).fit(6)
 

@@ -10,21 +10,7 @@ import pytest
 from edgetune.errors import UserError
 from edgetune.runtime import Callback, Context, CosineLR, Trainer, TrainingDiverged, TrainSession
 from edgetune.runtime import format as tod_format
-
-
-class RecordingSplit:
-    """Wraps a split and records every batch of indices decoded."""
-
-    def __init__(self, split) -> None:
-        self.split, self.name, self.labels, self.keys = split, split.name, split.labels, split.keys
-        self.calls: list[list[int]] = []
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def images(self, indices):
-        self.calls.append([int(i) for i in indices])
-        return self.split.images(indices)
+from tests.fixtures_runtime import RecordingSplit
 
 
 def test_epochs_are_seeded_permutations(tiny_tod, tiny_split) -> None:

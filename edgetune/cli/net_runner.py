@@ -23,7 +23,7 @@ from edgetune.data.progress import Progress
 from edgetune.errors import UserError
 from edgetune.runtime.callbacks import Callback, make_schedule
 from edgetune.runtime.frozen import DEFAULT_CACHE_BUDGET
-from edgetune.runtime.meta import MAX_MIXUP, SCHEDULES
+from edgetune.runtime.meta import SCHEDULES, check_mixup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,8 +206,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.test_every < 1:
         raise UserError("--test-every must be >= 1")
-    if args.mixup is not None and not (0 <= args.mixup <= MAX_MIXUP):  # NaN fails both
-        raise UserError(f"--mixup must be a number in [0, {MAX_MIXUP:g}] (0: off), got {args.mixup:g}")
+    if args.mixup is not None:
+        check_mixup(args.mixup, "--mixup")
     if not (args.cache_budget >= 0 and math.isfinite(args.cache_budget)):
         raise UserError(f"--cache-budget must be a finite number of MiB >= 0, got {args.cache_budget:g}")
     if args.threads is not None and args.threads < 1:

@@ -108,10 +108,10 @@ def check_schedule(name: object) -> str:
     return name
 
 
-def check_mixup(alpha: object) -> float:
-    """`alpha` as a float if it is a mixup strength in [0, MAX_MIXUP] (0: off); else a UserError."""
+def check_mixup(alpha: object, what: str = "mixup") -> float:
+    """`alpha` as a float if it is a mixup strength in [0, MAX_MIXUP] (0: off); else a UserError naming `what`."""
     if not _mixup_ok(alpha):
-        raise UserError(f"mixup must be a number in [0, {MAX_MIXUP:g}] (0: off), got {alpha!r:.80}")
+        raise UserError(f"{what} must be a number in [0, {MAX_MIXUP:g}] (0: off), got {alpha!r:.80}")
     return float(alpha)
 
 

@@ -99,7 +99,6 @@ class Trainer:
         self.best: tuple[int, float] | None = None  # (step, test accuracy) of the state kept by keep_best
         self.mixup = session.mixup if mixup is None else check_mixup(mixup)
         record = session.record
-        self._seed = int(seed) if record.get("rng_state") is None else int(record.get("seed") or 0)
         if record.get("rng_state") is None:
             self._rng = np.random.Generator(np.random.PCG64(int(seed)))
             session.seed(int(seed))
@@ -111,6 +110,7 @@ class Trainer:
             self._epoch_state = record["rng_state"]
             self._order = self._rng.permutation(len(train))
             self._cursor = int(record.get("data_cursor") or 0)
+        self._seed = int(session.record.get("seed") or 0)  # the run's data-order seed; mixup's draws use it
 
     @property
     def batch_size(self) -> int:
