@@ -3,8 +3,10 @@
 For each trainable choice of EfficientNet-Lite0 (`head`, `last-block`, `last-stage`, as
 `edgetune export --trainable` names them) the frozen prefix runs once per image in torch and its
 output is cached at the cut (in memory; on disk under `--cache-dir` between runs); the trainable
-tail then trains in torch eager on the cached tensors, with BatchNorm statistics frozen (the tail
-stays in eval mode: BN normalises with its running statistics, its scale and shift train). This is
+tail then trains in torch eager on the cached tensors, its BatchNorm as the recipe says: with the
+batch's statistics while it trains (last-block's: `batch_statistics`, the momentum edgetune's export
+writes), or frozen (the tail stays in eval mode: BN normalises with its running statistics, its
+scale and shift train). This is
 the "PyTorch eager doing the same fine-tuning with its own cache at the same cut" system of the
 benchmark, and the tool that chose each choice's default recipe (`edgetune.host.trainable.RECIPES`).
 
@@ -37,6 +39,7 @@ from torch import nn
 
 from edgetune.convert.spec import SGD, Adam
 from edgetune.host import create_backbone, default_head
+from edgetune.host.export import BN_MOMENTUM
 from edgetune.host.trainable import RECIPES, Recipe
 from edgetune.runtime.callbacks import make_schedule
 from edgetune.runtime.dataset import load_dataset
@@ -80,6 +83,19 @@ class Tail(nn.Module):
             x = net._swish(net._bn1(net._conv_head(x)))
             x = net._fc(net._avg_pooling(x).flatten(1))
         return self.head(x)
+
+    def batch_norms(self) -> list[nn.BatchNorm2d]:
+        """The BatchNorm layers the tail runs (its blocks' and `_bn1`), not the prefix's."""
+        if self.net is None:
+            return []
+        return [m for m in [*self.blocks.modules(), self.net._bn1] if isinstance(m, nn.BatchNorm2d)]
+
+    def use_batch_statistics(self, momentum: float | None, training: bool) -> None:
+        """Its BatchNorm layers normalise with the batch's statistics while `training` (PyTorch's `momentum`)
+        when the model says so (`momentum` not None); else always with their running statistics."""
+        for bn in self.batch_norms() if momentum is not None else []:
+            bn.momentum = momentum
+            bn.train(training)
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         """Pretrained parameters of the tail (`backbone`) and the new head (`head`)."""
@@ -252,6 +268,7 @@ def finetune(choice: str, feats: Features, num_classes: int, recipe: Recipe, epo
     times = []
     schedule = make_schedule(recipe.schedule, epochs * per_epoch)  # over the run, as net_runner follows it
     bases = [g["lr"] for g in opt.param_groups]
+    momentum = 1 - BN_MOMENTUM if recipe.batch_statistics else None  # export's, in PyTorch's convention
     for i, idx in enumerate(batch_order(len(x), BATCH, epochs * per_epoch, seed), 1):
         if schedule is not None:
             for g, base in zip(opt.param_groups, bases):
@@ -261,10 +278,12 @@ def finetune(choice: str, feats: Features, num_classes: int, recipe: Recipe, epo
         xb, yb = x[t], y[t]
         if recipe.mixup:  # edgetune's own draws for this seed and step: the Trainer's mix
             xb, yb = map(torch.from_numpy, mix(xb.numpy(), yb.numpy(), num_classes, recipe.mixup, seed, i - 1))
+        tail.use_batch_statistics(momentum, True)
         loss = nn.functional.cross_entropy(tail(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        tail.use_batch_statistics(momentum, False)
         times.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):
             res.diverged = True

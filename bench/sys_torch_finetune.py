@@ -3,11 +3,11 @@
 The peer of `net_runner` on a `--trainable` model (issue 11): Lite0's stem and the blocks in front of
 the cut run once per image in PyTorch eager under `torch.inference_mode` (BatchNorm unfused, batches
 of 32), their output is cached in memory; then the tail (the trainable blocks, `_conv_head`, BN,
-pooling, `_fc` and the head) trains in eager mode on the cached tensors with BatchNorm statistics
-frozen (the tail stays in eval mode, as edgetune's default), with the optimizer and parameter groups
-the `.tod` carries, in the Trainer's batch order, printing net_runner's lines. The head starts from
-the `.tod`'s own initial weights; the pretrained blocks from the same Lite0 weights the `.tod` was
-exported from. `--extra` names the choice (`last-block`, `last-stage`).
+pooling, `_fc` and the head) trains in eager mode on the cached tensors, its BatchNorm as the `.tod`'s
+nodes say (with the batch's statistics while it trains and the nodes' momentum, or frozen), with the
+optimizer and parameter groups the `.tod` carries, in the Trainer's batch order, printing net_runner's
+lines. The head starts from the `.tod`'s own initial weights; the pretrained blocks from the same Lite0
+weights the `.tod` was exported from. `--extra` names the choice (`last-block`, `last-stage`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def tail_for(choice: str, params: dict[str, np.ndarray], net: nn.Module) -> Tail
     return Tail(net, FIRST_BLOCK.get(choice), head).eval()  # eval: BatchNorm normalises with its running statistics
 
 
+def batch_statistics(meta: dict) -> float | None:
+    """PyTorch's BatchNorm momentum if the `.tod`'s trainable BatchNorm nodes train with batch statistics, else None."""
+    nodes = [n["attributes"] for n in meta["head"] if n["op"] == "BatchNormalization"]
+    training = {int(a.get("training_mode", 0)) for a in nodes}
+    if len(training) > 1:
+        raise SystemExit("the model mixes BatchNorm nodes with frozen and batch statistics; this peer runs one kind")
+    return 1 - nodes[0]["momentum"] if training == {1} else None  # ONNX's convention is the opposite
+
+
 def main() -> None:
     """Run the work unit the arguments describe and print the seed-style log."""
     args = common.parser(__doc__.splitlines()[0]).parse_args()
@@ -84,7 +93,10 @@ def main() -> None:
 
     schedule = make_schedule(meta.get("schedule", "constant"), args.steps)  # as net_runner follows the model's
     mixup = (meta["mixup"], meta["num_classes"]) if meta.get("mixup") else None  # as the Trainer follows the model's
-    torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=False,
+    momentum = batch_statistics(meta)  # train mode only changes the tail's BatchNorm: its path has no dropout
+    for bn in tail.batch_norms() if momentum is not None else []:
+        bn.momentum = momentum
+    torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=momentum is not None,
                        schedule=schedule.rate if schedule is not None else None, mixup=mixup)
 
 if __name__ == "__main__":

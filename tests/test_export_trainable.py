@@ -24,6 +24,7 @@ from edgetune.convert.spec import SGD, Adam
 from edgetune.convert.split import depends_on
 from edgetune.errors import UserError
 from edgetune.host import TransferNet, create_backbone, default_head, export
+from edgetune.host.export import BN_MOMENTUM
 from edgetune.host.trainable import RECIPES, select
 from edgetune.runtime.ops import OPS
 from edgetune.runtime.ort import onnxruntime
@@ -127,7 +128,7 @@ def tiny_export(tmp_path_factory) -> tuple[TransferNet, onnx.ModelProto]:
         bn.running_var.uniform_(0.5, 2)
     path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
     export(net, "backbone.dw,backbone.pw,backbone.fc", input_shape=(3, 10, 10), preprocessing=PRE, batch_size=4,
-           path=path)
+           path=path, batch_statistics=False)  # BN as torch evaluates it (the batch-statistics test is below)
     return net, onnx.load(path)
 
 
@@ -145,6 +146,10 @@ def test_trainable_part_holds_device_ops_only(tiny_export):
     assert all(len(n.input) == 2 for n in nodes if n.op_type == "Conv")  # bias=False: no zero bias input
     bn = [n for n in nodes if n.op_type == "BatchNormalization"]
     assert all(onnx.helper.get_attribute_value(a) == 0 for n in bn for a in n.attribute if a.name == "training_mode")
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: pytest.approx(onnx.helper.get_attribute_value(a)) for a in node.attribute}
 
 
 def test_trainable_metadata_lists_groups_and_buffers(tiny_export):
@@ -272,3 +277,31 @@ def test_the_recipes_mixup_travels_to_the_device_model(tmp_path):
     with pytest.raises(UserError, match="mixup must be a number"):
         export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", mixup=-1)
     _refused_at_convert(tmp_path / "deep.onnx", "mixup", "strong", "mixup must be a number")
+
+
+def test_batch_statistics_follow_the_recipe_or_the_argument(tmp_path):
+    """The trainable part's BatchNorm nodes normalise with batch statistics (`training_mode=1`, PyTorch's
+    default momentum) when the recipe or the argument says so, and keep their running statistics and
+    the backbone's momentum otherwise; convert carries the nodes as they are into the `.tod`. Asking for
+    batch statistics of a part without BatchNorm is an error, not a silent no-op."""
+    from edgetune.convert import convert
+    from edgetune.runtime.format import load_file
+
+    net = TransferNet(TinyBackbone(), default_head(6, 3, seed=1))
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.momentum = 0.01  # Lite0's: ONNX momentum 0.99
+    modes = {}
+    for name, statistics in [("deep", None), ("frozen", False), ("asked", True)]:
+        onnx_path = export(net, "backbone.dw,backbone.pw,backbone.fc", input_shape=(3, 10, 10), preprocessing=PRE,
+                           batch_size=4, path=tmp_path / f"{name}.onnx", batch_statistics=statistics)
+        bn = [n for n in _trainable_part(onnx.load(onnx_path))[0] if n.op_type == "BatchNormalization"]
+        tod = load_file(convert(onnx_path, tmp_path / name))
+        stored = [n["attributes"] for n in tod.meta["head"] if n["op"] == "BatchNormalization"]
+        assert [{k: pytest.approx(v) for k, v in a.items()} for a in stored] == [_attributes(n) for n in bn]
+        modes[name] = [(a.get("training_mode", 0), round(a["momentum"], 4)) for a in stored]
+    assert RECIPES["last-block"].batch_statistics and not RECIPES["head"].batch_statistics
+    assert modes["deep"] == modes["asked"] == [(1, BN_MOMENTUM)] * 2
+    assert modes["frozen"][0] == (0, 0.99)
+    with pytest.raises(UserError, match=r"batch statistics: the trainable part \(head\) has no BatchNormalization"):
+        export(net, "head", input_shape=(3, 10, 10), preprocessing=PRE, path=tmp_path / "x.onnx", batch_statistics=True)
+    assert not (tmp_path / "x.onnx").exists()

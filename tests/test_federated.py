@@ -155,6 +155,33 @@ def test_a_device_trains_a_schedule_trained_model_at_its_base_rate(tmp_path, tin
     assert not np.array_equal(at_base.parameters["head.weight"], start["head.weight"])
 
 
+def test_a_device_round_trains_with_the_global_models_running_statistics(tmp_path, tiny_data) -> None:
+    """A model whose BatchNorm trains with batch statistics (last-block's recipe): devices send weights, not
+    running statistics, so a round trains with the global model's statistics, exactly as the same model
+    exported with frozen statistics does, and its device checkpoint keeps them as they were."""
+    from edgetune.convert import convert
+    from edgetune.host import TransferNet, default_head, export
+    from tests.test_export_trainable import TinyBackbone
+
+    net = TransferNet(TinyBackbone(), default_head(6, TINY_CLASSES, seed=1))
+    preprocessing = tiny_model().meta["preprocessing"]
+    models = {}
+    for name, statistics in [("batch", True), ("frozen", False)]:
+        path = export(net, "backbone.dw,backbone.pw,backbone.fc", input_shape=TINY_SHAPE, preprocessing=preprocessing,
+                      batch_size=4, path=tmp_path / f"{name}.onnx", batch_statistics=statistics)
+        models[name] = convert(path, tmp_path / name)
+    start = TrainSession.create(models["batch"]).parameters()
+    kwargs = dict(server_round=1, partition=0, local_steps=4, lr=0.05, seed=3)
+    batch = train_locally(models["batch"], tiny_data, start, state=tmp_path / "device.tod", **kwargs)
+    frozen = train_locally(models["frozen"], tiny_data, start, **kwargs)
+    assert all(np.array_equal(batch.parameters[n], frozen.parameters[n]) for n in start)
+    assert not np.array_equal(batch.parameters["head.weight"], start["head.weight"])
+    assert batch.test_accuracy == frozen.test_accuracy
+    before = TrainSession.create(models["batch"]).checkpoint_state().buffers
+    after = TrainSession.create(tmp_path / "device.tod").checkpoint_state().buffers
+    assert before and all(np.array_equal(after[n], v) for n, v in before.items())
+
+
 def test_a_device_refuses_another_model_and_bad_tensors(tiny_data, tiny_path) -> None:
     start = TrainSession.create(tiny_path).parameters()
     with pytest.raises(UserError, match="not the server's"):

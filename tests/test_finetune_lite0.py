@@ -4,8 +4,9 @@ For each `--trainable` choice: `export` -> `convert` -> `TrainSession`. Then, on
 cached cut tensors (random images through the frozen part, so both sides see the same batches):
 
 - 100 steps of every choice, SGD with momentum and Adam, track PyTorch autograd doing the same
-  fine-tuning (the same initial weights, the same batches, BatchNorm statistics frozen, the
-  export's parameter groups) within 1e-4 when both run in float64: the engine's own graph, ops and
+  fine-tuning (the same initial weights, the same batches, BatchNorm statistics frozen, and for
+  last-block also its recipe's batch statistics, the export's parameter groups) within 1e-4 when
+  both run in float64: the engine's own graph, ops and
   update rules, compared as math (measured: within 4e-10, but for one last-stage weight of 221184
   under Adam, 1.5e-6 off: its gradient is ~0, so rounding can flip the sign of its step, see below);
 - in float32, as on the device, N steps (100 for the head, 20 for last-block, 8 for last-stage)
@@ -81,10 +82,9 @@ def _session(tod: tod_format.TodFile, optimizer: dict | None = None, batch_stati
     if optimizer is not None:  # a fresh model: other settings, slots start at zero
         tod.meta["optimizer"] = optimizer
         tod.tensors = {k: v for k, v in tod.tensors.items() if not k.startswith("optim/")}
-    if batch_statistics:
-        for node in tod.meta["head"]:
-            if node.get("op") == "BatchNormalization":
-                node["attributes"]["training_mode"] = 1
+    for node in tod.meta["head"]:  # the export's mode is last-block's recipe (batch statistics); the test chooses
+        if node.get("op") == "BatchNormalization":
+            node["attributes"]["training_mode"] = int(batch_statistics)
     return TrainSession(tod, Context())
 
 
@@ -111,8 +111,8 @@ class Tail(nn.Module):
 
 
 def _torch_run(lite0: TransferNet, choice: str, meta: dict, cut: np.ndarray, labels: np.ndarray,
-               optimizer: dict, steps: int, batch: int = BATCH,
-               dtype: torch.dtype = torch.float32) -> tuple[dict[str, np.ndarray], np.ndarray]:
+               optimizer: dict, steps: int, batch: int = BATCH, dtype: torch.dtype = torch.float32,
+               batch_statistics: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
     net = copy.deepcopy(lite0).to(dtype).eval()  # eval: BN normalises with its running statistics, as training_mode=0
     named = dict(net.named_parameters())
     for p in named.values():
@@ -128,11 +128,18 @@ def _torch_run(lite0: TransferNet, choice: str, meta: dict, cut: np.ndarray, lab
     tail = Tail(net, FIRST_BLOCK[choice])
     shape = (len(cut), *meta["frozen"].get("shape", [meta["frozen"]["features"]]))
     x, y = torch.from_numpy(cut.reshape(shape)).to(dtype), torch.from_numpy(labels)
+    momenta = [n["attributes"]["momentum"] for n in meta["head"] if n["op"] == "BatchNormalization"]
+    norms = [m for m in tail.modules() if isinstance(m, nn.BatchNorm2d)][-len(momenta):] if momenta else []
+    for bn, momentum in zip(norms, momenta):  # the tail's, in graph order; ONNX's momentum is the opposite
+        bn.momentum = 1 - momentum
     for idx in _batches(steps, batch):
         t = torch.from_numpy(idx)
+        for bn in norms:
+            bn.train(batch_statistics)
         opt.zero_grad()
         nn.functional.cross_entropy(tail(x[t]), y[t]).backward()
         opt.step()
+    net.eval()
     with torch.no_grad():
         logits = tail(x).numpy()
     return {n: named[n].detach().numpy() for n in meta["trainable"]}, logits
@@ -177,13 +184,17 @@ def _float64_engine(session: TrainSession) -> tuple[Module, Optimizer]:
     return module, Optimizer(module.parameters(), opt.algorithm, lr_scales=opt.lr_scales)
 
 
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_100_steps_track_torch_in_float64(model, lite0, opt_name):
+@pytest.mark.parametrize("opt_name, batch_statistics", [("adam", False), ("sgd", False), ("adam", True)],
+                         ids=["adam", "sgd", "adam-batch-bn"])
+def test_100_steps_track_torch_in_float64(model, lite0, opt_name, batch_statistics):
     """100 steps of every choice, SGD with momentum and Adam, within 1e-4 of PyTorch: the engine's own
     graph, ops and update rules in float64 (as the op gradient tests), so what is compared is the
-    math, not float32's rounding, which 100 steps of Adam amplify past 1e-4 (see the module docstring)."""
+    math, not float32's rounding, which 100 steps of Adam amplify past 1e-4 (see the module docstring).
+    last-block also with its recipe's BatchNorm, batch statistics (PyTorch's train-mode BatchNorm)."""
     choice, tod, cut, labels = model
-    session = _session(tod, OPTIMIZERS[opt_name])
+    if batch_statistics and choice != "last-block":
+        pytest.skip("batch statistics: last-block's recipe; the head has no BatchNorm")
+    session = _session(tod, OPTIMIZERS[opt_name], batch_statistics)
     module, opt = _float64_engine(session)
     x = cut.astype(np.float64)
     onehot = np.eye(CLASSES)[labels]
@@ -193,7 +204,7 @@ def test_100_steps_track_torch_in_float64(model, lite0, opt_name):
         module(x[idx], onehot[idx])
         opt.step()
     want_params, want_logits = _torch_run(lite0, choice, session.meta, cut, labels, OPTIMIZERS[opt_name], 100,
-                                          batch, torch.float64)
+                                          batch, torch.float64, batch_statistics)
     for name, ref in want_params.items():
         np.testing.assert_allclose(module.params[name].data, ref, rtol=TOL64, atol=TOL64, err_msg=name)
     logits = module.eval()(x)["logits"]
@@ -228,9 +239,12 @@ def test_checkpoint_resumes_bit_identically(model, tmp_path, batch_statistics):
     np.testing.assert_array_equal(whole.eval().run_head(cut)["logits"], resumed.eval().run_head(cut)["logits"])
 
 
-def test_inference_export_equals_session_eval(model, tmp_path):
+@pytest.mark.parametrize("batch_statistics", [False, True], ids=["frozen-bn", "batch-bn"])
+def test_inference_export_equals_session_eval(model, tmp_path, batch_statistics):
     choice, tod, cut, labels = model
-    session = _session(tod, OPTIMIZERS["adam"])
+    if batch_statistics and choice != "last-block":
+        pytest.skip("the head has no BatchNormalization; last-stage's nodes are last-block's kinds")
+    session = _session(tod, OPTIMIZERS["adam"], batch_statistics)  # batch-bn: the running statistics moved
     for idx in _batches(3):
         session.run_head(cut[idx], labels[idx])
     images = np.random.default_rng(5).normal(0, 1, (6, 3, 224, 224)).astype(np.float32)

@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixup", type=float, metavar="ALPHA",
                         help="strength of mixup at the cut the device trains with unless told otherwise, 0 = off "
                              "(default: the recipe's: 0.2 for last-block and backbone module names, 0 otherwise)")
+    parser.add_argument("--batch-statistics", action=argparse.BooleanOptionalAction,
+                        help="the trainable part's BatchNorm normalises each training batch with its own statistics "
+                             "and adapts the running ones (default: the recipe's: on for last-block and backbone "
+                             "module names)")
     add_training_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
                         help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
@@ -121,12 +125,14 @@ def run(args: argparse.Namespace) -> int:
     optimizer = optimizer_from(args, selection.recipe.optimizer)
     path = export(net, args.trainable, optimizer=optimizer, batch_size=args.batch_size, class_names=names,
                   path=args.output, backbone_lr_scale=args.backbone_lr_scale, schedule=args.schedule,
-                  mixup=args.mixup)
+                  mixup=args.mixup, batch_statistics=args.batch_statistics)
     alpha = selection.recipe.mixup if args.mixup is None else args.mixup
-    mixup = f", mixup {alpha:g}" if alpha else ""
+    statistics = selection.recipe.batch_statistics if args.batch_statistics is None else args.batch_statistics
+    extras = f", mixup {alpha:g}" if alpha else ""
+    extras += ", BN batch statistics" if statistics and selection.backbone else ""
     params = dict(net.named_parameters())
     weights = sum(params[n].numel() for n in selection.params)
     print(f"wrote {os.fspath(path)} ({info.name}, {num_classes} classes, trainable {selection.choice}: "
           f"{weights} weights, {optimizer.name} lr {optimizer.lr:g}, "
-          f"{args.schedule or selection.recipe.schedule} schedule{mixup}, batch {args.batch_size})")
+          f"{args.schedule or selection.recipe.schedule} schedule{extras}, batch {args.batch_size})")
     return 0

@@ -7,7 +7,8 @@ aggregate can be checked against the plain one.
 Each round starts from the device's own `.tod` (frozen part, head layout, optimizer and its state;
 its own checkpoint of the last round when it keeps one) with the global trainable tensors loaded
 into it, takes `local_steps` optimizer steps on the device's train split with the model's
-optimizer, and measures accuracy on the device's test split. Every round's data order is seeded by
+optimizer (BatchNorm normalising with the global model's running statistics, which devices do not
+send), and measures accuracy on the device's test split. Every round's data order is seeded by
 (seed, round, partition), so the same inputs give the same round; the frozen features are cached
 on disk (`cache_dir`), so only the first round runs the backbone (Flower starts a new ClientApp
 process for every message).
@@ -97,6 +98,7 @@ def train_locally(model: str | os.PathLike, data: str | os.PathLike, parameters:
         raise UserError(f"{start}: this device's model is not the server's (frozen part "
                         f"{session.model_sha256[:12]}, the server's {model_sha256[:12]})")
     session.load_parameters(parameters)
+    session.freeze_batch_statistics()  # the global model's running statistics are not averaged: train with them
     # `lr`, or the model's base rate: a model trained with a schedule saved the rate it ended on
     # (a cosine's is ~0), and every round trains at a constant rate
     session.restart_learning_rate(lr)

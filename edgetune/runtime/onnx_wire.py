@@ -162,9 +162,10 @@ def append_module(model: bytes, module: Module, num_classes: int, output: str = 
     """The frozen ModelProto with the trained module appended: its only output becomes `output` (N, classes).
 
     Each node is written as its op type with the attributes that differ from the op's defaults;
-    nodes that are the identity at inference (dropout, identity) are left out. Parameters and
-    constants become initializers; the module's tensors are renamed under `PREFIX`, except its
-    input, the frozen graph's output.
+    nodes that are the identity at inference (dropout, identity) are left out, and a BatchNorm that
+    trains with batch statistics normalises with its running statistics (no `training_mode`).
+    Parameters and constants become initializers; the module's tensors are renamed under `PREFIX`,
+    except its input, the frozen graph's output.
 
     Args:
         model: serialized ModelProto of the frozen part.
@@ -196,6 +197,7 @@ def append_module(model: bytes, module: Module, num_classes: int, output: str = 
             renamed[node.outputs[0]] = name(node.inputs[0])
             continue
         changed = {k: v for k, v in node.attributes.items() if op.attributes.get(k) != v}
+        changed.pop("training_mode", None)  # inference: BatchNorm normalises with its running statistics
         read.update(node.inputs)
         out = name(node.outputs[0])
         nodes.append(_len_field(GRAPH_NODE, node_proto(node.op_type, [name(i) for i in node.inputs], [out],

@@ -252,6 +252,19 @@ class TrainSession:
         for n, a in arrays.items():
             self.params[n].data[...] = a
 
+    def freeze_batch_statistics(self) -> None:
+        """Train with the running BatchNorm statistics too, also where the model's nodes use the batch's.
+
+        A federated round does: devices send their weights, not their running statistics, so the
+        global model keeps the statistics it started with, and weights trained with others would
+        not fit them. Not saved: the model file keeps its nodes as they are.
+        """
+        for op in self.module.ops:
+            if getattr(op, "batch_statistics", False):
+                op.batch_statistics = op.mixes_samples = False
+        if self.frozen.width is not None:  # passes may be split again
+            self.module.limit_activations(self.ctx.activation_budget, self.ctx.threads)
+
     def seed(self, seed: int) -> None:
         """Reseed the dropout generator (a fresh run; a checkpoint restores its saved state instead)."""
         self.module.rng.bit_generator.state = np.random.PCG64(np.random.SeedSequence([int(seed), 1])).state
