@@ -88,11 +88,12 @@ def time_step(engine: str, choice: str, tod: Path, threads: int, samples: int) -
         sys.path.insert(0, str(BENCH))  # the system scripts' own imports
         import common
         import torch_model
-        from sys_torch_finetune import optimizer, tail_for
+        from sys_torch_finetune import batch_statistics, optimizer, tail_for
 
         torch.set_num_threads(threads)
         meta, params, _ = common.load_model_meta(tod)
         tail = tail_for(choice, params, torch_model.backbone())
+        tail.use_batch_statistics(batch_statistics(meta), True)  # as the model's BatchNorm nodes train
         opt = optimizer(meta, tail)
         shape = (1000,) if FIRST_BLOCK[choice] is None else tuple(meta["frozen"]["shape"])
         classes = meta["num_classes"]

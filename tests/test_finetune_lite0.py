@@ -82,7 +82,7 @@ def _session(tod: tod_format.TodFile, optimizer: dict | None = None, batch_stati
     if optimizer is not None:  # a fresh model: other settings, slots start at zero
         tod.meta["optimizer"] = optimizer
         tod.tensors = {k: v for k, v in tod.tensors.items() if not k.startswith("optim/")}
-    for node in tod.meta["head"]:  # the export's mode is last-block's recipe (batch statistics); the test chooses
+    for node in tod.meta["head"]:  # the test chooses BatchNorm's mode, whatever the export wrote
         if node.get("op") == "BatchNormalization":
             node["attributes"]["training_mode"] = int(batch_statistics)
     return TrainSession(tod, Context())
