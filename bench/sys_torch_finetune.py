@@ -93,9 +93,8 @@ def main() -> None:
 
     schedule = make_schedule(meta.get("schedule", "constant"), args.steps)  # as net_runner follows the model's
     mixup = (meta["mixup"], meta["num_classes"]) if meta.get("mixup") else None  # as the Trainer follows the model's
-    momentum = batch_statistics(meta)  # train mode only changes the tail's BatchNorm: its path has no dropout
-    for bn in tail.batch_norms() if momentum is not None else []:
-        bn.momentum = momentum
+    momentum = batch_statistics(meta)
+    tail.use_batch_statistics(momentum, False)  # the momentum; train mode (its path has no dropout) switches them on
     torch_cached.train(args, tail, opt, cached, splits, meta["batch_size"], state, train_mode=momentum is not None,
                        schedule=schedule.rate if schedule is not None else None, mixup=mixup)
 

@@ -37,6 +37,7 @@ from edgetune.runtime.head import OUTPUT, head_graph
 from edgetune.runtime.meta import ModelError
 from edgetune.runtime.module import Module
 from edgetune.runtime.ops import Parameter
+from edgetune.runtime.ops.norm import BatchNormalization
 from edgetune.runtime.optim import TrainingDiverged, make_optimizer
 
 __all__ = ["AfterCallback", "Context", "TensorSpec", "TrainSession", "TrainingDiverged"]
@@ -260,8 +261,8 @@ class TrainSession:
         not fit them. Not saved: the model file keeps its nodes as they are.
         """
         for op in self.module.ops:
-            if getattr(op, "batch_statistics", False):
-                op.batch_statistics = op.mixes_samples = False
+            if isinstance(op, BatchNormalization):
+                op.freeze_statistics()
         if self.frozen.width is not None:  # passes may be split again
             self.module.limit_activations(self.ctx.activation_budget, self.ctx.threads)
 

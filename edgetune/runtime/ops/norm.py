@@ -42,6 +42,10 @@ class BatchNormalization(Op):
             raise UnknownOp(f"BatchNormalization: training_mode must be 0 or 1, got {self.attrs['training_mode']}")
         self.batch_statistics = self.mixes_samples = bool(self.attrs["training_mode"])
 
+    def freeze_statistics(self) -> None:
+        """Normalise with the running statistics while training too (as `training_mode=0`)."""
+        self.batch_statistics = self.mixes_samples = False
+
     def forward(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray,
                 var: np.ndarray) -> np.ndarray:
         axes = (0, *range(2, x.ndim))
