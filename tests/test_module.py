@@ -383,6 +383,77 @@ def test_passes_on_two_threads_add_up_to_the_whole_batch_and_repeat_bit_for_bit(
             np.testing.assert_array_equal(g, g0)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_batch_statistics_train_on_the_whole_batch_however_the_budget_splits_it(workers: int) -> None:
+    """A batch-statistics BatchNorm trains in one pass per thread, whatever `max_pass` says: the passes
+    meet to share the batch's mean and variance (forward) and the two sums its input gradient needs
+    (backward). Logits, loss, gradients and the running statistics equal one pass over the batch up to
+    float32 rounding, and two runs give the same bits."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (10, 100)).astype(np.float32)
+    labels = one_hot(rng.integers(0, 3, 10), 3)
+    whole = conv_module(batch_statistics=True)
+    out_whole = whole(x, labels)
+    runs = []
+    for _ in range(2):
+        split = conv_module(batch_statistics=True)
+        split.check(100, 3)
+        split.limit_activations(1, threads=workers)  # a budget of one byte: passes of one sample, were it not for BN
+        sizes = []
+        forward = split._forward
+        split._forward = lambda ops, f, forward=forward: sizes.append(len(f)) or forward(ops, f)
+        out = split(x, labels)
+        assert sorted(sizes) == sorted(10 * k // workers - 10 * (k - 1) // workers for k in range(1, workers + 1))
+        np.testing.assert_allclose(out["logits"], out_whole["logits"], rtol=1e-5, atol=1e-6)
+        assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+        for name, p in whole.params.items():
+            np.testing.assert_allclose(split.params[name].grad, p.grad, rtol=1e-5, atol=1e-6)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(split.constants[name], whole.constants[name], rtol=1e-6, atol=1e-7)
+        assert all(op.peers is None for op in split.ops)
+        runs.append([out["logits"], split.constants["mean"].copy()] + [p.grad.copy() for p in split.parameters()])
+        split.eval()  # evaluation normalises with the running statistics: passes by the budget again
+        sizes.clear()
+        split(x)
+        assert sizes == [1] * 10
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_passes_that_meet_run_backward_only_when_every_pass_has_a_finite_loss() -> None:
+    """One pass's loss is NaN: no pass runs backward (a lone backward would wait for the others to meet)."""
+    module = conv_module(batch_statistics=True)
+    module.check(100, 3)
+    module.limit_activations(10**9, threads=2)
+    labels = one_hot(np.zeros(4, int), 3)
+    labels[3] = np.nan  # in the second pass only
+    out = module(np.ones((4, 100), np.float32), labels)
+    assert not np.isfinite(out["loss"])
+    assert all(not p.grad.any() for p in module.parameters())
+
+
+def test_a_failing_pass_stops_the_passes_that_wait_for_it_to_meet() -> None:
+    """A pass that fails before a meeting aborts it: the other threads stop instead of waiting forever,
+    and the caller gets the failure itself, not the others' broken meeting."""
+    module = conv_module(batch_statistics=True)
+    module.check(100, 3)
+    module.limit_activations(10**9, threads=2)
+    forward = module._forward
+
+    def fail_on_the_second_worker(ops, features):
+        if ops is not module.ops:
+            raise ValueError("node 'x' cannot take {}")
+        return forward(ops, features)
+
+    module._forward = fail_on_the_second_worker
+    mean = module.constants["mean"].copy()
+    with pytest.raises(ValueError, match="cannot take"):
+        module(np.zeros((4, 100), np.float32), one_hot(np.zeros(4, int), 3))
+    assert [op for op in module.ops if any(name.startswith("_") for name in vars(op))] == []
+    assert all(op.peers is None for op in module.ops)
+    np.testing.assert_array_equal(module.constants["mean"], mean)  # the batch never got its statistics
+
+
 def test_a_failing_pass_on_another_thread_raises_in_the_caller_and_leaves_nothing_kept() -> None:
     module = conv_module()
     module.max_pass, module.workers = 2, 2
@@ -401,7 +472,7 @@ def test_a_failing_pass_on_another_thread_raises_in_the_caller_and_leaves_nothin
     assert previous is None or previous == blas.set_threads(previous)  # restored after the failure
 
 
-def test_limit_activations_sizes_passes_by_bytes_per_sample_and_never_splits_batch_statistics() -> None:
+def test_limit_activations_sizes_passes_by_bytes_per_sample() -> None:
     module = conv_module()
     module.check(100, 3)
     per_sample = module.sample_bytes
@@ -413,10 +484,6 @@ def test_limit_activations_sizes_passes_by_bytes_per_sample_and_never_splits_bat
     assert module.max_pass == 1  # never 0: one sample per pass at least
     module.limit_activations(None)
     assert module.max_pass is None
-    batch_norm = conv_module(batch_statistics=True)
-    batch_norm.check(100, 3)
-    batch_norm.limit_activations(1)
-    assert batch_norm.max_pass is None  # statistics over passes of 1 would be another model
     module.limit_activations(10 * per_sample + 1, threads=2)
     assert (module.max_pass, module.workers) == (5, 2)  # passes that run at once share the budget
     dropout = conv_module(dropout=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgetune.runtime import blas, heap
 from edgetune.runtime.ops import Op, Parameter, get_loss, get_op
-from edgetune.runtime.workers import run_workers
+from edgetune.runtime.workers import Meeting, Peers, run_workers
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,9 @@ class Module:
         equals one step on a single batch of K*B (up to float32 rounding: sums run in another order).
         A batch larger than `max_pass` runs that way by itself, in passes of at most `max_pass`
         samples, `workers` of them at once on their own threads (`_parallel`), so only that many
-        passes' activations are alive at once. When the loss is not finite the
-        gradients are not usable (the caller refuses the step; a single pass adds none).
+        passes' activations are alive at once; a graph with an op that needs the whole batch (batch
+        statistics) trains in one pass per worker, and the passes meet at that op. When the loss is
+        not finite the gradients are not usable (the caller refuses the step; a single pass adds none).
 
         Args:
             features: (N, F) float32, the frozen part's output.
@@ -140,18 +141,24 @@ class Module:
             `{"logits": (N, C)}`, plus `"loss"` (a float32 scalar) when labels were given.
         """
         n = len(features)
-        size = n if self.max_pass is None else max(1, self.max_pass)
-        if n <= size:
+        meet = self.training and any(op.mixes_samples for op in self.ops)
+        if meet:  # one pass per worker, all alive at once: they meet where an op needs the whole batch
+            parts = workers = max(1, min(n, self.workers))
+        else:
+            size = n if self.max_pass is None else max(1, self.max_pass)
+            parts = workers = 1
+            if n > size:
+                parts = -(-n // size)  # passes of near-equal size, a multiple of the workers
+                workers = min(self.workers, parts)
+                parts = min(n, -(-parts // workers) * workers)
+        if parts <= 1:
             logits, loss = self._pass(self.ops, self.loss_op, features, labels, grad_scale)
             self.loss = loss
             return self._outputs(logits, loss if labels is not None else None)
-        parts = -(-n // size)  # passes of near-equal size, a multiple of the workers
-        workers = min(self.workers, parts)
-        parts = min(n, -(-parts // workers) * workers)
         bounds = [n * k // parts for k in range(parts + 1)]
         passes = [(features[a:b], None if labels is None else labels[a:b], grad_scale * (b - a) / n)
                   for a, b in zip(bounds, bounds[1:])]
-        results = self._parallel(passes, workers) if workers > 1 else \
+        results = self._parallel(passes, workers, meet) if workers > 1 else \
             [self._pass(self.ops, self.loss_op, *p) for p in passes]
         loss = sum(pass_loss * (b - a) / n for (_, pass_loss), a, b in zip(results, bounds, bounds[1:]))
         self.loss = loss if labels is not None else math.nan
@@ -165,20 +172,24 @@ class Module:
         return outputs
 
     def _pass(self, ops: list[Op], loss_op: Op, features: np.ndarray, labels: np.ndarray | None,
-              grad_scale: float, grads: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+              grad_scale: float, grads: dict[str, np.ndarray] | None = None,
+              peers: Peers | None = None) -> tuple[np.ndarray, float]:
         """Forward, loss and (train mode, finite loss) backward of one pass with these op instances: (logits, loss).
 
-        Gradients go into `Parameter.grad`, or with `grads` into that dict (a worker's own sums)."""
+        Gradients go into `Parameter.grad`, or with `grads` into that dict (a worker's own sums).
+        With `peers` (passes that meet) the pass runs backward only when every pass's loss is finite,
+        so all of them reach the same meetings."""
         logits, _ = self._forward(ops, features)
         if labels is None:
             return logits, math.nan
         loss = float(loss_op.forward(logits, labels))
-        if self.training and math.isfinite(loss):
+        finite = math.isfinite(loss) if peers is None else peers.sum(int(not math.isfinite(loss))) == 0
+        if self.training and finite:
             self._backward(ops, loss_op.backward(grad_scale)[0], grads)
         return logits, loss
 
     def _parallel(self, passes: list[tuple[np.ndarray, np.ndarray | None, float]],
-                  workers: int) -> list[tuple[np.ndarray, float]]:
+                  workers: int, meet: bool = False) -> list[tuple[np.ndarray, float]]:
         """Run the passes on `workers` threads, pass k on worker k % workers, each with its own op instances.
 
         numpy releases the GIL in its loops and matrix products, so the element-wise work that keeps
@@ -186,18 +197,30 @@ class Module:
         thread alone (`blas.limited(1)`). Worker 0 (this thread) adds into `Parameter.grad`, the
         others into their own sums, added after it in worker order: the result does not depend on
         which thread finishes first, so a run is reproducible (and resumes bit-identically).
+        With `meet` (one pass per worker) the ops that mix samples get their worker's seat at one
+        `Meeting` (`Op.peers`); a worker that fails aborts it, so the others stop instead of waiting.
         """
         results: list[tuple[np.ndarray, float] | None] = [None] * len(passes)
         sums: list[dict[str, np.ndarray]] = [{} for _ in range(workers)]
+        meeting = Meeting(workers) if meet else None
         def work(w: int) -> None:
             ops = self.ops if w == 0 else [copy.copy(op) for op in self.ops]
             loss_op = self.loss_op if w == 0 else copy.copy(self.loss_op)
+            peers = None if meeting is None else Peers(meeting, w)
+            for op in ops:
+                if op.mixes_samples:
+                    op.peers = peers
             try:
                 for k in range(w, len(passes), workers):
-                    results[k] = self._pass(ops, loss_op, *passes[k], None if w == 0 else sums[w])
+                    results[k] = self._pass(ops, loss_op, *passes[k], None if w == 0 else sums[w], peers)
+            except BaseException:
+                if meeting is not None:
+                    meeting.abort()
+                raise
             finally:
                 for op in ops:
                     op.release()
+                    op.peers = None
 
         heap.one_arena()
         with blas.limited(1):
@@ -270,13 +293,13 @@ class Module:
         A deep trainable part keeps megabytes per sample for its backward (Lite0's last block: ~2 MB,
         so 70 MB at batch 32); passes of a few samples bound that and run as fast, their tensors
         staying in cache. Passes that run at once share the budget. A graph where a sample's output
-        depends on the others (batch-statistics BatchNormalization) is never split: its passes would
-        normalise with other statistics; one that draws random numbers (dropout) runs its passes one
-        after the other, so the generator is read in the same order on every run. Needs `check`
-        first (`sample_bytes`).
+        depends on the others (batch-statistics BatchNormalization) trains in one pass per thread,
+        whatever the budget, which meet to share the batch's statistics; one that draws random numbers
+        (dropout) runs its passes one after the other, so the generator is read in the same order on
+        every run. Needs `check` first (`sample_bytes`).
         """
         self.workers = 1
-        if budget is None or not self.sample_bytes or any(op.mixes_samples for op in self.ops):
+        if budget is None or not self.sample_bytes:
             self.max_pass = None
             return
         if not any(op.draws_random for op in self.ops):

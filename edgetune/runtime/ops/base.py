@@ -9,9 +9,12 @@ class plus its tests (tinygrad's `ops.py` + `function.py`, onnx's op schemas).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgetune.runtime.workers import Peers
 
 
 class Parameter:
@@ -48,7 +51,9 @@ class Op:
     attributes: ClassVar[Mapping[str, Any]] = {}  # accepted ONNX attributes and their defaults
     identity_at_inference: ClassVar[bool] = False  # passes its first input through in eval mode (Dropout):
     # the inference export leaves such a node out
-    mixes_samples: bool = False  # a sample's output depends on the other samples of the pass (batch statistics)
+    mixes_samples: bool = False  # a sample's output depends on the other samples of the batch (batch statistics)
+    peers: Peers | None = None  # set by the module while a batch runs as passes on several threads, for an op that
+    # mixes samples: `peers.sum(a)` adds `a` over the batch's passes
     draws_random: ClassVar[bool] = False  # forward reads `rng` in train mode (dropout): passes must run in order
     training: bool = True
     rng: np.random.Generator | None = None  # set by the module: the one generator random ops draw from

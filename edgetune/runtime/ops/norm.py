@@ -19,6 +19,11 @@ updated in place by `forward` in batch mode (the engine hands the op its own buf
 variance that updates `input_var` is the unbiased one (n / (n - 1)), as PyTorch's, because the
 graph comes from PyTorch and its training is the reference; the ONNX reference implementation uses
 the biased one. Normalisation itself uses the biased variance, as both do.
+
+A batch the engine splits into passes on several threads is still one batch here: each pass sums
+its part of the statistics (and in backward of the two gradient sums they need) and meets the other
+passes (`Op.peers`) to add them up, as PyTorch's SyncBatchNorm does across devices; the running
+statistics move once per batch, by the first pass.
 """
 
 from __future__ import annotations
@@ -60,15 +65,16 @@ class BatchNormalization(Op):
             y = x * a.reshape(shape)
             y += (bias - mean * a).reshape(shape)
             return y
-        mu = x.mean(axis=axes)
+        mu, count = self._batch_mean(x, axes)
         centered = x - mu.reshape(shape)
-        v = np.mean(centered * centered, axis=axes)
-        count = x.size // x.shape[1]
-        m = np.asarray(self.attrs["momentum"], dtype=mean.dtype)
-        mean *= m
-        mean += (1 - m) * mu
-        var *= m
-        var += (1 - m) * v * (count / max(count - 1, 1))
+        v, _ = self._batch_mean(centered * centered, axes)
+        if self.peers is None or self.peers.index == 0:
+            m = np.asarray(self.attrs["momentum"], dtype=mean.dtype)
+            mean *= m
+            mean += (1 - m) * mu
+            var *= m
+            var += (1 - m) * v * (count / max(count - 1, 1))
+        self._count = count
         self._inv = 1 / np.sqrt(v + eps)
         self._xhat = centered * self._inv.reshape(shape)
         return self._xhat * scale.reshape(shape) + bias.reshape(shape)
@@ -85,11 +91,22 @@ class BatchNormalization(Op):
         if not self.needs_grad or self.needs_grad[0]:
             a = (self._scale * self._inv).reshape(shape)
             if self._batch:  # mean and variance depend on x: dx = a (g - mean(g) - xhat mean(g xhat))
-                count = grad.size // grad.shape[1]
-                gx = a * (grad - (gbias / count).reshape(shape) - xhat * (gscale / count).reshape(shape))
+                sum_g, sum_gxhat = (gbias, gscale) if self.peers is None else \
+                    np.split(self.peers.sum(np.concatenate([gbias, gscale])), 2)
+                count = self._count
+                gx = a * (grad - (sum_g / count).reshape(shape) - xhat * (sum_gxhat / count).reshape(shape))
             else:  # the statistics are constants: dx = a g
                 gx = grad * a
         return gx, gscale, gbias, None, None
+
+    def _batch_mean(self, a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, int]:
+        """Per-channel mean of `a` over the batch, and the values per channel it averages: this pass's
+        alone, or with every other pass's of a split batch."""
+        count = a.size // a.shape[1]
+        if self.peers is None:
+            return a.mean(axis=axes), count
+        sums = self.peers.sum(np.append(a.sum(axis=axes), np.float32(count)))  # counts are exact in float32
+        return sums[:-1] / sums[-1], int(sums[-1])
 
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
