@@ -53,11 +53,10 @@ class BatchNormalization(Op):
 
     def forward(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray,
                 var: np.ndarray) -> np.ndarray:
-        axes = (0, *range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
         eps = np.asarray(self.attrs["epsilon"], dtype=x.dtype)
         self._batch = self.batch_statistics and self.training
-        self._axes, self._shape, self._scale = axes, shape, scale
+        self._shape, self._scale = shape, scale
         if not self._batch:  # y = x a + (B - mean a), a = scale / sqrt(var + eps): two passes over x
             self._inv = 1 / np.sqrt(var + eps)
             a = scale * self._inv
@@ -65,48 +64,54 @@ class BatchNormalization(Op):
             y = x * a.reshape(shape)
             y += (bias - mean * a).reshape(shape)
             return y
-        mu, count = self._batch_mean(x, axes)
+        sum_x, count = self._batch_sum(_channel_sum(x), x)
+        mu = sum_x / count
         centered = x - mu.reshape(shape)
-        v, _ = self._batch_mean(centered * centered, axes)
+        v = self._batch_sum(_channel_dot(centered, centered), x)[0] / count  # two-pass: no E[x^2] - mu^2 cancellation
         if self.peers is None or self.peers.index == 0:
             m = np.asarray(self.attrs["momentum"], dtype=mean.dtype)
             mean *= m
             mean += (1 - m) * mu
             var *= m
             var += (1 - m) * v * (count / max(count - 1, 1))
-        self._count = count
+        self._count, self._centered = count, centered  # xhat = centered * inv, never stored
         self._inv = 1 / np.sqrt(v + eps)
-        self._xhat = centered * self._inv.reshape(shape)
-        return self._xhat * scale.reshape(shape) + bias.reshape(shape)
+        y = centered * (scale * self._inv).reshape(shape)
+        y += bias.reshape(shape)
+        return y
 
     def backward(self, grad: np.ndarray) -> tuple[np.ndarray | None, ...]:
-        shape, axes = self._shape, self._axes
-        gbias = grad.sum(axis=axes)  # d B = sum g
-        if self._batch:
-            xhat = self._xhat
-            gscale = _channel_dot(grad, xhat)  # d scale = sum g xhat
-        else:  # the same sum, with the per-channel factor taken out: one pass fewer, no xhat in memory
-            gscale = _channel_dot(grad, self._x - self._mean.reshape(shape)) * self._inv
+        shape, inv = self._shape, self._inv
+        gbias = _channel_sum(grad)  # d B = sum g
+        # d scale = sum g xhat = inv sum g (x - mean): the per-channel factor taken out, no xhat in memory
+        gscale = _channel_dot(grad, self._centered if self._batch else self._x - self._mean.reshape(shape)) * inv
         gx = None
         if not self.needs_grad or self.needs_grad[0]:
-            a = (self._scale * self._inv).reshape(shape)
-            if self._batch:  # mean and variance depend on x: dx = a (g - mean(g) - xhat mean(g xhat))
+            a = self._scale * inv
+            gx = grad * a.reshape(shape)  # the statistics are constants: dx = a g
+            if self._batch:  # they depend on x: dx = a (g - sum(g) / n - xhat sum(g xhat) / n), sums over the batch
                 sum_g, sum_gxhat = (gbias, gscale) if self.peers is None else \
                     np.split(self.peers.sum(np.concatenate([gbias, gscale])), 2)
-                count = self._count
-                gx = a * (grad - (sum_g / count).reshape(shape) - xhat * (sum_gxhat / count).reshape(shape))
-            else:  # the statistics are constants: dx = a g
-                gx = grad * a
+                gx -= (a * sum_g / self._count).reshape(shape)
+                centered = self._centered  # released after this backward: scaled in place
+                centered *= (a * inv * sum_gxhat / self._count).reshape(shape)
+                gx -= centered
         return gx, gscale, gbias, None, None
 
-    def _batch_mean(self, a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, int]:
-        """Per-channel mean of `a` over the batch, and the values per channel it averages: this pass's
-        alone, or with every other pass's of a split batch."""
-        count = a.size // a.shape[1]
+    def _batch_sum(self, sums: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Per-channel `sums` over this pass of `x`, and the values per channel they add up, made the
+        whole batch's: this pass's alone, or added to every other pass's of a split batch."""
+        count = x.size // x.shape[1]
         if self.peers is None:
-            return a.mean(axis=axes), count
-        sums = self.peers.sum(np.append(a.sum(axis=axes), np.float32(count)))  # counts are exact in float32
-        return sums[:-1] / sums[-1], int(sums[-1])
+            return sums, count
+        total = self.peers.sum(np.append(sums, np.asarray(count, sums.dtype)))  # counts are exact in float32
+        return total[:-1], int(total[-1])
+
+
+def _channel_sum(a: np.ndarray) -> np.ndarray:
+    """`sum(a)` over every axis but 1 (channels); einsum, 4x faster than `a.sum(axis=(0, 2, 3))` here."""
+    axes = "nc" + "hwdijklm"[:a.ndim - 2]
+    return np.einsum(f"{axes}->c", a)
 
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
