@@ -4,9 +4,9 @@ For each trainable choice of EfficientNet-Lite0 (`head`, `last-block`, `last-sta
 `edgetune export --trainable` names them) the frozen prefix runs once per image in torch and its
 output is cached at the cut (in memory; on disk under `--cache-dir` between runs); the trainable
 tail then trains in torch eager on the cached tensors, its BatchNorm as the recipe says: frozen
-(every stored recipe: the tail stays in eval mode, BN normalises with its running statistics, its
-scale and shift train), or with the batch's statistics while it trains (`--batch-statistics`, at
-the momentum `edgetune export --batch-statistics` writes). This is
+(`last-stage`'s: the tail stays in eval mode, BN normalises with its running statistics, its scale
+and shift train), or with the batch's statistics while it trains (`last-block`'s, at the momentum
+the export writes; `--batch-statistics` / `--no-batch-statistics` overrides the recipe). This is
 the "PyTorch eager doing the same fine-tuning with its own cache at the same cut" system of the
 benchmark, and the tool that chose each choice's default recipe (`edgetune.host.trainable.RECIPES`).
 
@@ -354,8 +354,9 @@ def main() -> None:
                    help="run this recipe instead (repeatable): adam|sgd:LR[:BACKBONE_SCALE[:WEIGHT_DECAY]]")
     p.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mixup strength of every run instead of its recipe's (0: off; last-block's recipe: 0.2)")
-    p.add_argument("--batch-statistics", action="store_true",
-                   help="every run's tail BatchNorm trains with batch statistics (export --batch-statistics)")
+    p.add_argument("--batch-statistics", action=argparse.BooleanOptionalAction,
+                   help="every run's tail BatchNorm trains with batch statistics, or with --no-batch-statistics "
+                        "with the running ones, instead of as its recipe says (last-block's: batch statistics)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgetune" / "bench-finetune")
     p.add_argument("--out", type=Path, help="append every result as a JSON line")
     p.add_argument("--extract-with", choices=["torch", "ort"], default="torch",
@@ -378,8 +379,8 @@ def main() -> None:
         recipes = args.recipe or (sweep_recipes(choice) if args.sweep else [RECIPES[choice]])
         if args.mixup is not None:
             recipes = [dataclasses.replace(r, mixup=args.mixup) for r in recipes]
-        if args.batch_statistics:
-            recipes = [dataclasses.replace(r, batch_statistics=True) for r in recipes]
+        if args.batch_statistics is not None:
+            recipes = [dataclasses.replace(r, batch_statistics=args.batch_statistics) for r in recipes]
         for recipe in recipes:
             res = finetune(choice, feats[choice], num_classes, recipe, args.epochs, args.seed)
             _say(f"{choice:10s} {res.recipe:34s} test {res.test:.3f} val {res.val:.3f} "

@@ -100,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the recipe's: 0.2 for last-block and backbone module names, 0 otherwise)")
     parser.add_argument("--batch-statistics", action=argparse.BooleanOptionalAction,
                         help="the trainable part's BatchNorm normalises each training batch with its own statistics "
-                             "and adapts the running ones: more accurate on images far from ImageNet, slower steps "
-                             "(default: the recipe's: off)")
+                             "and adapts the running ones, more accurate on images far from ImageNet "
+                             "(default: the recipe's: on for last-block and backbone module names, off otherwise)")
     add_training_arguments(parser)
     parser.add_argument("-o", "--output", type=Path, default=Path("transfer_learning_tod.onnx"),
                         help="the ONNX training graph to write (default transfer_learning_tod.onnx)")
