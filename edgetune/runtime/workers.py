@@ -36,6 +36,7 @@ class Meeting:
         return total
 
     def abort(self) -> None:
+        """Stop the meeting: threads waiting in `sum`, and any that come later, get `BrokenBarrierError`."""
         self._barrier.abort()
 
 

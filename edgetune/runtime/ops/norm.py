@@ -5,14 +5,14 @@ graph is built, so the choice travels inside the model:
 
 - `training_mode=0` (the default, and what a backbone exported in eval mode carries): inference BN,
   `y = (x - running_mean) / sqrt(running_var + eps) * scale + B`, with `scale` and `B` trainable
-  and the running statistics constant. This is what fine-tuning a pretrained block on a small
-  dataset wants (batches of 32 from 10 classes make noisy statistics), and what PyTorch does with
-  the module in eval mode.
+  and the running statistics constant: what PyTorch does with the module in eval mode, and what
+  `last-stage`'s recipe trains with.
 - `training_mode=1`: while the op trains (`Op.training`), the batch's own mean and variance
   normalise, and the running statistics move towards them with the graph's `momentum` (ONNX's
   convention, the opposite of PyTorch's: `running = running * momentum + batch * (1 - momentum)`;
   a torch momentum of 0.01 is an ONNX momentum of 0.99). In eval mode the running statistics
-  normalise, as in PyTorch.
+  normalise, as in PyTorch. `last-block`'s recipe trains so: ImageNet's statistics do not fit the
+  cut tensors of images far from it (bench/RESULTS.md).
 
 The running statistics are buffers: inputs 3 and 4 (`input_mean`, `input_var`), never trained,
 updated in place by `forward` in batch mode (the engine hands the op its own buffer arrays). The
