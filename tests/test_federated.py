@@ -156,7 +156,7 @@ def test_a_device_trains_a_schedule_trained_model_at_its_base_rate(tmp_path, tin
 
 
 def test_a_device_round_trains_with_the_global_models_running_statistics(tmp_path, tiny_data) -> None:
-    """A model whose BatchNorm trains with batch statistics (`export --batch-statistics`): devices send weights, not
+    """A model whose BatchNorm trains with batch statistics (last-block's recipe): devices send weights, not
     running statistics, so a round trains with the global model's statistics, exactly as the same model
     exported with frozen statistics does, and its device checkpoint keeps them as they were."""
     from edgetune.convert import convert

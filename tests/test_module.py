@@ -383,6 +383,18 @@ def test_passes_on_two_threads_add_up_to_the_whole_batch_and_repeat_bit_for_bit(
             np.testing.assert_array_equal(g, g0)
 
 
+def fail_on_the_second_worker(module: Module) -> None:
+    """Make every pass that runs on a worker other than the caller's thread raise a node's ValueError."""
+    forward = module._forward
+
+    def forward_or_fail(ops, features):
+        if ops is not module.ops:
+            raise ValueError("node 'x' cannot take {}")
+        return forward(ops, features)
+
+    module._forward = forward_or_fail
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_batch_statistics_train_on_the_whole_batch_however_the_budget_splits_it(workers: int) -> None:
     """A batch-statistics BatchNorm trains in one pass per thread, whatever `max_pass` says: the passes
@@ -438,14 +450,7 @@ def test_a_failing_pass_stops_the_passes_that_wait_for_it_to_meet() -> None:
     module = conv_module(batch_statistics=True)
     module.check(100, 3)
     module.limit_activations(10**9, threads=2)
-    forward = module._forward
-
-    def fail_on_the_second_worker(ops, features):
-        if ops is not module.ops:
-            raise ValueError("node 'x' cannot take {}")
-        return forward(ops, features)
-
-    module._forward = fail_on_the_second_worker
+    fail_on_the_second_worker(module)
     mean = module.constants["mean"].copy()
     with pytest.raises(ValueError, match="cannot take"):
         module(np.zeros((4, 100), np.float32), one_hot(np.zeros(4, int), 3))
@@ -457,14 +462,7 @@ def test_a_failing_pass_stops_the_passes_that_wait_for_it_to_meet() -> None:
 def test_a_failing_pass_on_another_thread_raises_in_the_caller_and_leaves_nothing_kept() -> None:
     module = conv_module()
     module.max_pass, module.workers = 2, 2
-    forward = module._forward
-
-    def fail_on_the_second_worker(ops, features):
-        if ops is not module.ops:
-            raise ValueError("node 'x' cannot take {}")
-        return forward(ops, features)
-
-    module._forward = fail_on_the_second_worker
+    fail_on_the_second_worker(module)
     with pytest.raises(ValueError, match="cannot take"):
         module(np.zeros((4, 100), np.float32), one_hot(np.zeros(4, int), 3))
     assert [op for op in module.ops if any(name.startswith("_") for name in vars(op))] == []

@@ -263,8 +263,6 @@ class TrainSession:
         for op in self.module.ops:
             if isinstance(op, BatchNormalization):
                 op.freeze_statistics()
-        if self.frozen.width is not None:  # passes may be split again
-            self.module.limit_activations(self.ctx.activation_budget, self.ctx.threads)
 
     def seed(self, seed: int) -> None:
         """Reseed the dropout generator (a fresh run; a checkpoint restores its saved state instead)."""

@@ -45,11 +45,16 @@ class BatchNormalization(Op):
         super().__init__(**attrs)
         if self.attrs["training_mode"] not in (0, 1):
             raise UnknownOp(f"BatchNormalization: training_mode must be 0 or 1, got {self.attrs['training_mode']}")
-        self.batch_statistics = self.mixes_samples = bool(self.attrs["training_mode"])
+        self.batch_statistics = bool(self.attrs["training_mode"])
+
+    @property
+    def mixes_samples(self) -> bool:  # type: ignore[override]
+        """Batch statistics tie each sample's output to the batch's other samples (see `Op.mixes_samples`)."""
+        return self.batch_statistics
 
     def freeze_statistics(self) -> None:
         """Normalise with the running statistics while training too (as `training_mode=0`)."""
-        self.batch_statistics = self.mixes_samples = False
+        self.batch_statistics = False
 
     def forward(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray,
                 var: np.ndarray) -> np.ndarray:
