@@ -161,7 +161,7 @@ def test_a_device_round_trains_with_the_global_models_running_statistics(tmp_pat
     exported with frozen statistics does, and its device checkpoint keeps them as they were."""
     from edgetune.convert import convert
     from edgetune.host import TransferNet, default_head, export
-    from tests.test_export_trainable import TinyBackbone
+    from tests.tiny_nets import TinyBackbone
 
     net = TransferNet(TinyBackbone(), default_head(6, TINY_CLASSES, seed=1))
     preprocessing = tiny_model().meta["preprocessing"]

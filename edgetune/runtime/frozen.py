@@ -63,7 +63,10 @@ class Context:
             MB per sample) 2 passes of 16, step peak +62 -> +24 MB, the step as fast; last stage
             (8.7 MB) 5 passes of 6-7, +260 -> +62 MB, as fast. On 2 threads, 4 passes of 8 (last
             block, ~1.4x faster than 2 passes in series) and 12 of 2-3 (last stage, ~1.5x).
-            None: one pass per batch.
+            Not a bound while a BatchNorm trains with batch statistics (`last-block`'s recipe):
+            such a batch trains as one pass per thread whatever the budget (the passes meet to
+            sum its statistics), ~70 MB of activations for Lite0's last block at batch 32;
+            evaluation still follows the budget. None: one pass per batch.
     """
 
     threads: int = field(default_factory=available_cores)

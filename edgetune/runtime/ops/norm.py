@@ -72,7 +72,7 @@ class BatchNormalization(Op):
         sum_x, count = self._batch_sum(_channel_sum(x), x)
         mu = sum_x / count
         centered = x - mu.reshape(shape)
-        v = self._batch_sum(_channel_dot(centered, centered), x)[0] / count  # two-pass: no E[x^2] - mu^2 cancellation
+        v = self._peer_sum(_channel_dot(centered, centered)) / count  # two-pass: no E[x^2] - mu^2 cancellation
         if self.peers is None or self.peers.index == 0:
             m = np.asarray(self.attrs["momentum"], dtype=mean.dtype)
             mean *= m
@@ -95,8 +95,7 @@ class BatchNormalization(Op):
             a = self._scale * inv
             gx = grad * a.reshape(shape)  # the statistics are constants: dx = a g
             if self._batch:  # they depend on x: dx = a (g - sum(g) / n - xhat sum(g xhat) / n), sums over the batch
-                sum_g, sum_gxhat = (gbias, gscale) if self.peers is None else \
-                    np.split(self.peers.sum(np.concatenate([gbias, gscale])), 2)
+                sum_g, sum_gxhat = np.split(self._peer_sum(np.concatenate([gbias, gscale])), 2)
                 gx -= (a * sum_g / self._count).reshape(shape)
                 centered = self._centered  # released after this backward: scaled in place
                 centered *= (a * inv * sum_gxhat / self._count).reshape(shape)
@@ -104,22 +103,28 @@ class BatchNormalization(Op):
         return gx, gscale, gbias, None, None
 
     def _batch_sum(self, sums: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Per-channel `sums` over this pass of `x`, and the values per channel they add up, made the
-        whole batch's: this pass's alone, or added to every other pass's of a split batch."""
+        """Per-channel `sums` over this pass of `x` made the whole batch's (`_peer_sum`), and how many values
+        per channel they add up (sent once per forward: the second sum reuses it)."""
         count = x.size // x.shape[1]
         if self.peers is None:
             return sums, count
         total = self.peers.sum(np.append(sums, np.asarray(count, sums.dtype)))  # counts are exact in float32
         return total[:-1], int(total[-1])
 
+    def _peer_sum(self, sums: np.ndarray) -> np.ndarray:
+        """`sums` over this pass alone, or added to every other pass's of a split batch (`Op.peers`)."""
+        return sums if self.peers is None else self.peers.sum(sums)
 
 def _channel_sum(a: np.ndarray) -> np.ndarray:
     """`sum(a)` over every axis but 1 (channels); einsum, 4x faster than `a.sum(axis=(0, 2, 3))` here."""
-    axes = "nc" + "hwdijklm"[:a.ndim - 2]
-    return np.einsum(f"{axes}->c", a)
+    return np.einsum(f"{_axes(a)}->c", a)
 
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`sum(a * b)` over every axis but 1 (channels), in one pass without the product in memory."""
-    axes = "nc" + "hwdijklm"[:a.ndim - 2]
-    return np.einsum(f"{axes},{axes}->c", a, b)
+    return np.einsum(f"{_axes(a)},{_axes(a)}->c", a, b)
+
+
+def _axes(a: np.ndarray) -> str:
+    """einsum's subscripts for an (N, C, ...) array: `nc` and one letter per spatial axis."""
+    return "nc" + "hwdijklm"[:a.ndim - 2]
