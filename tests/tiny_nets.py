@@ -1,4 +1,4 @@
-"""Networks in miniature for tests of the trainable sub-graph (export, convert, federated rounds): seconds, not minutes."""
+"""A network in miniature for tests of a trainable sub-graph (its export, a federated round): seconds, not minutes."""
 
 from __future__ import annotations
 

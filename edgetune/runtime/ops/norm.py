@@ -115,6 +115,7 @@ class BatchNormalization(Op):
         """`sums` over this pass alone, or added to every other pass's of a split batch (`Op.peers`)."""
         return sums if self.peers is None else self.peers.sum(sums)
 
+
 def _channel_sum(a: np.ndarray) -> np.ndarray:
     """`sum(a)` over every axis but 1 (channels); einsum, 4x faster than `a.sum(axis=(0, 2, 3))` here."""
     return np.einsum(f"{_axes(a)}->c", a)
