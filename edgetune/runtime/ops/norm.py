@@ -103,8 +103,8 @@ class BatchNormalization(Op):
         return gx, gscale, gbias, None, None
 
     def _batch_sum(self, sums: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """Per-channel `sums` over this pass of `x` made the whole batch's (`_peer_sum`), and how many values
-        per channel they add up (sent once per forward: the second sum reuses it)."""
+        """Per-channel `sums` over this pass of `x` made the whole batch's, as `_peer_sum` does, and how many
+        values per channel they add up, sent with them (once per forward: the second sum reuses it)."""
         count = x.size // x.shape[1]
         if self.peers is None:
             return sums, count
@@ -123,7 +123,8 @@ def _channel_sum(a: np.ndarray) -> np.ndarray:
 
 def _channel_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`sum(a * b)` over every axis but 1 (channels), in one pass without the product in memory."""
-    return np.einsum(f"{_axes(a)},{_axes(a)}->c", a, b)
+    axes = _axes(a)
+    return np.einsum(f"{axes},{axes}->c", a, b)
 
 
 def _axes(a: np.ndarray) -> str:
