@@ -2,12 +2,17 @@
 
 `fashion_dir`: Fashion-MNIST prepared once per run (100 per class, 1000 BMPs, ~3 s), the demo's data.
 `places_src`: a generated Places365-layout source tree (see `make_places_tree`); read-only, copy it
-before adding files.
+before adding files. Writers other layers' tests share: `write_dataset` (a prepared dataset separable
+by colour), `make_tiny_dataset` (one for the tiny model, in whole and partial blocks of 5),
+`png_claiming` (a decompression bomb by header).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ import pytest
 from PIL import Image
 
 from edgetune.data.prepare import FASHION_SOURCE, SEED_CLASSES
+from tests.fixtures_runtime import TINY_SHAPE
 
 # real Places365 names of the seed's classes; the other ids get made-up names
 PLACES_NAMES = {4: "/a/alley", 98: "/c/cockpit", 6: "/a/amusement_arcade", 7: "/a/amusement_park",
@@ -96,3 +102,51 @@ def random_image(path: Path, size: tuple[int, int], seed: int, fmt: str = "BMP")
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels, "RGB").save(path, format=fmt)
     return pixels
+
+
+def write_dataset(root: Path, classes: int = 3, per_class: int = 10, size: int = 8) -> Path:
+    """A prepared dataset (classes.txt + BMP folders) of size x size images, separable by colour."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        lines.append(f"{c}\tclass {c}")
+        for i in range(per_class):
+            px = np.clip(rng.normal(60 + 70 * c, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / str(c) / f"{i:03d}.bmp")
+    (root / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR (checksum fixed) claims width x height: a decompression bomb in 70 bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+TINY_CLASSES = 3
+
+
+def make_tiny_dataset(root: Path, per_class: int = 23, seed: int = 0) -> Path:
+    """A prepared dataset for the tiny model: `classes.txt` + 8x8 RGB BMPs, a class-dependent colour + noise.
+
+    23 per class = 4 whole blocks of 5 and a partial one, so the shards' edge case is exercised.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    lines = []
+    for label in range(TINY_CLASSES):
+        folder = root / f"c{label}"
+        folder.mkdir()
+        lines.append(f"c{label}\tclass {label}")
+        base = np.array([60 + 70 * label, 200 - 60 * label, 90 + 40 * (label % 2)], np.float64)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 40, (*TINY_SHAPE[1:], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(folder / f"img_{i:03d}.bmp", format="BMP")
+    (root / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root

@@ -30,6 +30,19 @@ HEADS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+Mutation = Callable[[tod_format.TodFile], None]
+
+
+def put(value: Any, *path: Any) -> Mutation:
+    """A change to a model file's meta: `value` at `path` (keys and list indices), for tests that break files."""
+    def go(tod: tod_format.TodFile) -> None:
+        d = tod.meta
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+    return go
+
+
 def frozen_onnx(seed: int = 0) -> bytes:
     """The tiny frozen graph's bytes (opset 18, input `data`, output `features`)."""
     import onnx

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from edgetune.runtime import dataset as dataset_module
 from edgetune.runtime.dataset import load_dataset, preprocess, read_class_file
 from edgetune.runtime.decode import BadImage, open_image
 from edgetune.runtime.geometry import shorter_side_size
-from tests.fixtures_data import random_image
+from tests.fixtures_data import png_claiming, random_image
 
 LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": "NCHW", "channels": "RGB",
          "scale": 1.0, "mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0]}
@@ -150,15 +148,6 @@ def test_images_decodes_only_the_requested_files(tmp_path: Path, monkeypatch: py
     assert ds.train.images(slice(0, 3)).shape == (3, 3, 8, 8)
     np.testing.assert_array_equal(ds.train.images(None)[[4, 1]], batch)
 
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header says width x height: a decompression bomb in 70 bytes."""
-    out = io.BytesIO()
-    Image.new("1", (1, 1)).save(out, format="PNG")
-    buf = bytearray(out.getvalue())
-    buf[16:24] = struct.pack(">II", width, height)
-    buf[29:33] = struct.pack(">I", zlib.crc32(bytes(buf[12:29])))
-    return bytes(buf)
 
 
 @pytest.mark.parametrize("width,height", [(9000, 8000), (10000, 10000), (20000, 20000)],

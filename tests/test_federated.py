@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from edgetune.errors import UserError
 from edgetune.federated.coordinator import GlobalModel, RoundLog, global_path, read_round_log, saved_rounds
@@ -23,29 +22,8 @@ from edgetune.federated.settings import NodeSettings, RunSettings
 from edgetune.federated.shards import BLOCK, plan_shards, write_shards
 from edgetune.runtime import TrainSession
 from edgetune.runtime.dataset import load_dataset
+from tests.fixtures_data import TINY_CLASSES, make_tiny_dataset
 from tests.fixtures_runtime import TINY_SHAPE, tiny_model
-
-TINY_CLASSES = 3
-
-
-def make_tiny_dataset(root: Path, per_class: int = 23, seed: int = 0) -> Path:
-    """A prepared dataset for the tiny model: `classes.txt` + 8x8 RGB BMPs, a class-dependent colour + noise.
-
-    23 per class = 4 whole blocks of 5 and a partial one, so the shards' edge case is exercised.
-    """
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    lines = []
-    for label in range(TINY_CLASSES):
-        folder = root / f"c{label}"
-        folder.mkdir()
-        lines.append(f"c{label}\tclass {label}")
-        base = np.array([60 + 70 * label, 200 - 60 * label, 90 + 40 * (label % 2)], np.float64)
-        for i in range(per_class):
-            pixels = np.clip(base + rng.normal(0, 40, (*TINY_SHAPE[1:], 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, "RGB").save(folder / f"img_{i:03d}.bmp", format="BMP")
-    (root / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from edgetune.federated.shards import write_shards
 from edgetune.runtime import TrainSession
 from edgetune.runtime.dataset import load_dataset
 from tests.fixtures_runtime import tiny_model
-from tests.test_federated import TINY_CLASSES, make_tiny_dataset
+from tests.fixtures_data import TINY_CLASSES, make_tiny_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -22,6 +22,7 @@ from edgetune.runtime import Context, TrainSession
 from edgetune.runtime.bounds import available_cores
 from edgetune.runtime.pipeline import prefetch
 from edgetune.runtime.trainer import Trainer
+from tests.fixtures_data import write_dataset
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -120,7 +121,6 @@ def test_net_runner_threads_reach_onnxruntime_and_numpys_blas(tiny_tod, tmp_path
     environment variable was read when numpy loaded); without it, the cores this process may use."""
     from edgetune.cli import net_runner
     from edgetune.runtime import blas
-    from tests.test_reliability_crash import write_dataset
 
     data = write_dataset(tmp_path / "data")
     seen = []
@@ -152,7 +152,6 @@ def test_net_runner_threads_reach_onnxruntime_and_numpys_blas(tiny_tod, tmp_path
 ])
 def test_net_runner_bad_threads_or_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, option: str, value: str,
                                                                    message: str) -> None:
-    from tests.test_reliability_crash import write_dataset
 
     data = write_dataset(tmp_path / "data")
     done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", tiny_tod(), "-d", os.fspath(data),
@@ -164,7 +163,6 @@ def test_net_runner_bad_threads_or_cache_budget_is_one_line_exit_2(tiny_tod, tmp
 def test_net_runner_cache_budget_goes_to_disk_with_the_same_run(tiny_tod, tmp_path, capsys) -> None:
     """`--cache-budget 0` puts every feature on disk at once: the printed run is the default's, line for line."""
     from edgetune.cli import net_runner
-    from tests.test_reliability_crash import write_dataset
 
     data = write_dataset(tmp_path / "data")
     outputs = []

@@ -21,28 +21,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from edgetune.runtime import atomic
 from edgetune.runtime import format as tod_format
+from tests.fixtures_data import write_dataset
 from tests.fixtures_runtime import tiny_model
 
 CYCLES, SAVE_EVERY, TRIALS = 200, 5, 30
 RUN_FLAGS = ("-s", str(SAVE_EVERY), "--target-accuracy", "2", "--seed", "0", "-q")
 
-
-def write_dataset(root: Path, classes: int = 3, per_class: int = 10, size: int = 8) -> Path:
-    """A prepared dataset (classes.txt + BMP folders) of size x size images, separable by colour."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
-        lines.append(f"{c}\tclass {c}")
-        for i in range(per_class):
-            px = np.clip(rng.normal(60 + 70 * c, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(root / str(c) / f"{i:03d}.bmp")
-    (root / "classes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def net_runner(model: Path, data: Path, cycles: int, *extra: str) -> list[str]:

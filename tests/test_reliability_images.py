@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
 import textwrap
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from PIL import Image
 
 from edgetune.data.prepare import prepare_image_folder
 from edgetune.runtime.dataset import load_dataset
+from tests.fixtures_data import png_claiming
 
 LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": "NCHW", "channels": "RGB",
          "scale": 1.0, "mean": [127.0] * 3, "std": [128.0] * 3}
@@ -32,17 +31,6 @@ LITE0 = {"resize_shorter": 256, "crop": "center", "size": [224, 224], "layout": 
 def _photo(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 1x1 PNG whose IHDR (checksum fixed) claims width x height: a bomb by header alone."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
-    return bytes(data)
 
 
 def _save(img: Image.Image, path: Path, fmt: str, **kw) -> None:
@@ -56,7 +44,7 @@ def write_hostile(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     # a real bomb: 12000 x 6000 1-bit PNG (72 Mpx, 9 MB as bits; 216 MB once RGB), a few KB on disk
     _save(Image.new("1", (12000, 6000)), folder / "bomb.png", "PNG")
-    (folder / "bomb_header.png").write_bytes(_png_claiming(40000, 40000))
+    (folder / "bomb_header.png").write_bytes(png_claiming(40000, 40000))
     _save(_photo(1, (1, 1)), folder / "one_pixel.png", "PNG")
     _save(_photo(2, (10000, 10)), folder / "wide.png", "PNG")
     _save(_photo(3).convert("CMYK"), folder / "cmyk.jpg", "JPEG")

@@ -11,7 +11,6 @@ documented defaults: without them the model must load and train, save and load a
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ import pytest
 
 from edgetune.errors import UserError
 from edgetune.runtime import format as tod_format
-from tests.fixtures_runtime import TinySplit, tiny_model
-
-Mutation = Callable[[tod_format.TodFile], None]
+from tests.fixtures_runtime import Mutation, TinySplit, put, tiny_model
 
 
 def drop(*path: Any) -> Mutation:
@@ -31,15 +28,6 @@ def drop(*path: Any) -> Mutation:
         for k in path[:-1]:
             d = d[k]
         del d[path[-1]]
-    return go
-
-
-def put(value: Any, *path: Any) -> Mutation:
-    def go(tod: tod_format.TodFile) -> None:
-        d = tod.meta
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value
     return go
 
 

@@ -35,8 +35,8 @@ from PIL import Image
 from edgetune.runtime import format as tod_format
 from edgetune.runtime import graph_check, safe_read
 from edgetune.runtime.graph_check import FROZEN_OPS, UnsafeGraph, check_frozen_graph
-from tests.fixtures_runtime import TINY_SHAPE, frozen_onnx, tiny_model
-from tests.test_reliability_crash import write_dataset
+from tests.fixtures_runtime import TINY_SHAPE, frozen_onnx, put, tiny_model
+from tests.fixtures_data import write_dataset
 
 VMEM_KIB = 1 << 20  # 1 GiB of address space: Python, numpy, onnxruntime and the tiny model need ~0.3 GiB
 TIMEOUT = 120       # seconds: a refusal takes 2-5 s on a loaded 2-core machine
@@ -444,30 +444,21 @@ def test_int8_qdq_graph_passes_the_checker_and_trains(world: Path, data: Path) -
 
 # --- the sizes a meta declares ---------------------------------------------------------------
 
-def _set(path: tuple, value) -> Callable[[tod_format.TodFile], None]:
-    def go(tod: tod_format.TodFile) -> None:
-        d = tod.meta
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value
-    return go
-
-
 def _many_entries(tod: tod_format.TodFile) -> None:
     tod.blobs.update({f"junk/{i}": b"" for i in range(5000)})
 
 
 META_CASES = {
-    "num_classes 10^9": (_set(("num_classes",), 10**9), "num_classes is 1000000000, over the limit of 100000"),
-    "batch_size 10^8": (_set(("batch_size",), 10**8), "batch_size is 100000000, over the limit"),
-    "input 100000 x 100000": (_set(("input", "shape"), [4, 3, 100000, 100000]), "input.shape height is 100000"),
-    "batch of 4096 x 3 x 4096^2": (_set(("input", "shape"), [4096, 3, 4096, 4096]), "bytes, over the 1073741824"),
-    "preprocessing size 10^6": (_set(("preprocessing", "size"), [10**6, 10**6]), "preprocessing.size is 1000000"),
-    "resize_shorter 10^9": (_set(("preprocessing", "resize_shorter"), 10**9), "resize_shorter must be null"),
-    "resize_shorter a string": (_set(("preprocessing", "resize_shorter"), "huge"), "resize_shorter must be null"),
-    "frozen.features 10^9": (_set(("frozen", "features"), 10**9), "frozen.features is 1000000000"),
-    "class name of 10^5 characters": (_set(("class_names",), ["x" * 100_000, "b", "c"]), "100000 characters"),
-    "head of 2000 layers": (_set(("head",), [{"op": "relu"}] * 2000), "head has 2000 layers"),
+    "num_classes 10^9": (put(10**9, "num_classes"), "num_classes is 1000000000, over the limit of 100000"),
+    "batch_size 10^8": (put(10**8, "batch_size"), "batch_size is 100000000, over the limit"),
+    "input 100000 x 100000": (put([4, 3, 100000, 100000], "input", "shape"), "input.shape height is 100000"),
+    "batch of 4096 x 3 x 4096^2": (put([4096, 3, 4096, 4096], "input", "shape"), "bytes, over the 1073741824"),
+    "preprocessing size 10^6": (put([10**6, 10**6], "preprocessing", "size"), "preprocessing.size is 1000000"),
+    "resize_shorter 10^9": (put(10**9, "preprocessing", "resize_shorter"), "resize_shorter must be null"),
+    "resize_shorter a string": (put("huge", "preprocessing", "resize_shorter"), "resize_shorter must be null"),
+    "frozen.features 10^9": (put(10**9, "frozen", "features"), "frozen.features is 1000000000"),
+    "class name of 10^5 characters": (put(["x" * 100_000, "b", "c"], "class_names"), "100000 characters"),
+    "head of 2000 layers": (put([{"op": "relu"}] * 2000, "head"), "head has 2000 layers"),
     "5000 entries": (_many_entries, "{entries} entries, over the limit of 4096"),
 }
 
