@@ -149,7 +149,6 @@ def test_images_decodes_only_the_requested_files(tmp_path: Path, monkeypatch: py
     np.testing.assert_array_equal(ds.train.images(None)[[4, 1]], batch)
 
 
-
 @pytest.mark.parametrize("width,height", [(9000, 8000), (10000, 10000), (20000, 20000)],
                          ids=["over-our-limit", "pillow-warning", "pillow-error"])
 def test_decompression_bombs_are_refused(width: int, height: int) -> None:

@@ -21,8 +21,8 @@ import pytest
 
 from edgetune.deploy import package, transport
 from edgetune.runtime import format as tod_format
-from tests.fixtures_runtime import tiny_model
 from tests.fixtures_data import write_dataset
+from tests.fixtures_runtime import tiny_model
 
 PAYLOAD = "a b; touch PWNED1 'q\" $(touch PWNED2) `touch PWNED3` & touch PWNED4 #"
 

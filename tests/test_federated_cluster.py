@@ -26,8 +26,8 @@ from edgetune.federated.settings import NodeSettings, RunSettings
 from edgetune.federated.shards import write_shards
 from edgetune.runtime import TrainSession
 from edgetune.runtime.dataset import load_dataset
-from tests.fixtures_runtime import tiny_model
 from tests.fixtures_data import TINY_CLASSES, make_tiny_dataset
+from tests.fixtures_runtime import tiny_model
 
 pytestmark = pytest.mark.slow
 

@@ -152,7 +152,6 @@ def test_net_runner_threads_reach_onnxruntime_and_numpys_blas(tiny_tod, tmp_path
 ])
 def test_net_runner_bad_threads_or_cache_budget_is_one_line_exit_2(tiny_tod, tmp_path, option: str, value: str,
                                                                    message: str) -> None:
-
     data = write_dataset(tmp_path / "data")
     done = subprocess.run([sys.executable, "-m", "edgetune.cli.net_runner", "-f", tiny_tod(), "-d", os.fspath(data),
                            option, value], capture_output=True, text=True, timeout=120)

@@ -19,8 +19,7 @@ from edgetune.data.prepare import (FASHION_CLASSES, FASHION_SOURCE, prepare_fash
                                    prepare_places365)
 from edgetune.errors import UserError
 from edgetune.runtime.dataset import read_class_file
-from tests.fixtures_data import PLACES_PER_CLASS, class_color, make_places_tree, random_image
-from tests.fixtures_data import png_claiming
+from tests.fixtures_data import PLACES_PER_CLASS, class_color, make_places_tree, png_claiming, random_image
 
 SEED_NAMES = ["alley", "cockpit", "amusement_arcade", "amusement_park", "aqueduct", "arena/hockey",
               "arena/rodeo", "bus_interior", "attic", "badlands"]

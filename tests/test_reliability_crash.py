@@ -31,7 +31,6 @@ CYCLES, SAVE_EVERY, TRIALS = 200, 5, 30
 RUN_FLAGS = ("-s", str(SAVE_EVERY), "--target-accuracy", "2", "--seed", "0", "-q")
 
 
-
 def net_runner(model: Path, data: Path, cycles: int, *extra: str) -> list[str]:
     """The argv of a net_runner run (the feature cache lives next to the model, as on the device)."""
     return [sys.executable, "-m", "edgetune.cli.net_runner", "-f", os.fspath(model), "-d", os.fspath(data),

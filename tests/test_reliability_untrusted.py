@@ -35,8 +35,8 @@ from PIL import Image
 from edgetune.runtime import format as tod_format
 from edgetune.runtime import graph_check, safe_read
 from edgetune.runtime.graph_check import FROZEN_OPS, UnsafeGraph, check_frozen_graph
-from tests.fixtures_runtime import TINY_SHAPE, frozen_onnx, put, tiny_model
 from tests.fixtures_data import write_dataset
+from tests.fixtures_runtime import TINY_SHAPE, frozen_onnx, put, tiny_model
 
 VMEM_KIB = 1 << 20  # 1 GiB of address space: Python, numpy, onnxruntime and the tiny model need ~0.3 GiB
 TIMEOUT = 120       # seconds: a refusal takes 2-5 s on a loaded 2-core machine
